@@ -1,0 +1,83 @@
+"""Atomic file writes, run summaries and provenance."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from cl_bench.errors import UserError
+
+TRACKED_PACKAGES = ("cl-bench", "torch", "torchvision", "timm", "transformers", "numpy", "omegaconf",
+                    "avalanche-lib", "peft", "datasets", "pandas")
+
+
+def _atomic(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
+    _atomic(Path(path), lambda file: file.write(text.encode()))
+
+
+def atomic_torch_save(path, obj) -> None:
+    import torch
+    _atomic(Path(path), lambda file: torch.save(obj, file))
+
+
+def read_summary(path) -> dict:
+    """A run's summary.json, or UserError saying why it cannot be used."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} is unreadable: {type(error).__name__}") from error
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return data
+
+
+def package_versions() -> dict:
+    found = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def git_state() -> dict:
+    """Commit and dirtiness of the source checkout cl_bench runs from, when it is one."""
+    source = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        if sha.returncode != 0:
+            return {"git_sha": None}
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return {"git_sha": sha.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": None}
+
+
+def provenance() -> dict:
+    import time
+    return {"versions": package_versions(), **git_state(), "platform": platform.platform(),
+            "command": " ".join(sys.argv), "started_at": time.time()}

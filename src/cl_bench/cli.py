@@ -1,0 +1,207 @@
+"""cl-bench command line: run | bench | list | show | leaderboard.
+
+Bad input ends with one line on stderr and exit code 2; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from cl_bench.errors import UserError
+
+GROUP_NAMES = {"strategies": "strategy", "scenarios": "scenario", "models": "model"}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage and exit; we want one line
+        raise UserError(f"{message} (see `cl-bench --help`)")
+
+
+def make_parser() -> Parser:
+    parser = Parser(prog="cl-bench", description="Continual-learning benchmark harness.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    run = commands.add_parser("run", help="train and score one configuration")
+    run.add_argument("overrides", nargs="*", help="key=value, e.g. strategy=er scenario=fmnist strategy.lr=0.05")
+    bench = commands.add_parser("bench", help="run every line of a suite file for every seed")
+    bench.add_argument("suite", help="suite YAML (e.g. benchmarks/default.yaml)")
+    bench.add_argument("overrides", nargs="*", help="key=value applied to every run (e.g. results_dir=DIR)")
+    listing = commands.add_parser("list", help="list strategies, scenarios or models")
+    listing.add_argument("group", nargs="?", choices=list(GROUP_NAMES), help="which registry (default: all)")
+    show = commands.add_parser("show", help="print a run's score matrix and metrics")
+    show.add_argument("run", help="run directory or run id")
+    show.add_argument("--results-dir", default="results")
+    board = commands.add_parser("leaderboard", help="aggregate runs over seeds into CSV and Markdown")
+    board.add_argument("results_dir", nargs="?", default="results")
+    return parser
+
+
+def command_run(args, console: Console) -> int:
+    from cl_bench.config import compose
+    from cl_bench.runner import run
+
+    summary = run(compose(args.overrides), console=console)
+    print_metrics(summary, Console())
+    return 0
+
+
+def load_suite(path: str) -> tuple[list[list[str]], list[int]]:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"suite file {path} does not exist")
+    try:
+        suite = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"suite {path} is not valid YAML: {str(error).splitlines()[0]}") from error
+    if not isinstance(suite, dict) or not isinstance(suite.get("runs"), list) or not suite["runs"]:
+        raise UserError(f"suite {path} needs a non-empty 'runs' list of argument lines")
+    seeds = suite.get("seeds", [0])
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise UserError(f"suite {path}: 'seeds' must be a list of integers")
+    lines = []
+    for line in suite["runs"]:
+        if not isinstance(line, str):
+            raise UserError(f"suite {path}: every run must be a line of key=value arguments, got {line!r}")
+        lines.append(line.split())
+    return lines, seeds
+
+
+def command_bench(args, console: Console) -> int:
+    from cl_bench import leaderboard
+    from cl_bench.config import compose
+    from cl_bench.runner import RunFailed, run
+
+    lines, seeds = load_suite(args.suite)
+    configs = [compose(line + [f"seed={seed}"] + args.overrides) for line in lines for seed in seeds]
+    failures = []
+    for number, cfg in enumerate(configs, 1):
+        console.print(f"[bold]({number}/{len(configs)})[/bold] {cfg.strategy.name} on {cfg.scenario.name} "
+                      f"/ {cfg.model.name}, seed {cfg.seed}")
+        try:
+            run(cfg, console=console)
+        except (RunFailed, UserError) as error:
+            failures.append(str(error))
+            console.print(f"[red]failed:[/red] {escape(str(error))}")
+    board, excluded, out = leaderboard.build(configs[0].results_dir)
+    print_leaderboard(out / "LEADERBOARD.md")
+    if failures:
+        console.print(f"[red]{len(failures)} of {len(configs)} runs failed[/red]")
+    return 1 if failures else 0
+
+
+def command_list(args, console: Console) -> int:
+    from cl_bench.config import GROUPS, load_preset, preset_names
+
+    out = Console()
+    for plural in [args.group] if args.group else list(GROUP_NAMES):
+        group = GROUP_NAMES[plural]
+        registry = GROUPS[group][1]
+        table = Table(title=plural, show_header=True)
+        table.add_column("name")
+        table.add_column("description")
+        for name in sorted(set(registry.names()) | set(preset_names(group))):
+            preset = load_preset(group, name)
+            type_name = preset.get("type", name)
+            try:
+                text = preset.get("description") or registry.describe(type_name)
+            except UserError as error:
+                text = f"[red]unavailable: {error}[/red]"
+            table.add_row(name if type_name == name else f"{name} ({type_name})", text)
+        out.print(table)
+    return 0
+
+
+def find_run(run: str, results_dir: str) -> Path:
+    for candidate in (Path(run), Path(results_dir) / "runs" / run):
+        if (candidate / "summary.json").is_file():
+            return candidate
+    raise UserError(f"no run '{run}': give a run directory or an id under {results_dir}/runs")
+
+
+def command_show(args, console: Console) -> int:
+    from cl_bench._io import read_summary
+    from cl_bench.leaderboard import read_scores
+
+    directory = find_run(args.run, args.results_dir)
+    summary = read_summary(directory / "summary.json")
+    try:
+        sums, counts = read_scores(directory / "scores.csv", int(summary["tasks_total"]))
+    except Exception as error:
+        raise UserError(f"{directory}/scores.csv is unreadable: {error}") from error
+    out = Console()
+    table = Table(title=f"{summary.get('run_id')} [{summary.get('status')}]: score R[i][j] (%)")
+    table.add_column("after task")
+    for j in range(sums.shape[1]):
+        table.add_column(f"task {j + 1}", justify="right")
+    for i in range(sums.shape[0]):
+        if all(math.isnan(c) for c in counts[i]):
+            continue
+        table.add_row("before" if i == 0 else str(i),
+                      *["" if math.isnan(c) or not c else f"{100 * s / c:.2f}" for s, c in zip(sums[i], counts[i])])
+    out.print(table)
+    print_metrics(summary, out)
+    return 0
+
+
+def print_metrics(summary: dict, out: Console) -> None:
+    table = Table(title=f"{summary.get('run_id')}: metrics", show_header=False)
+    for name, value in {**summary.get("metrics", {}), **{k: v for k, v in summary.get("cost", {}).items()
+                                                          if not isinstance(v, list)}}.items():
+        table.add_row(name, "" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value)))
+    out.print(table)
+
+
+def print_leaderboard(path: Path) -> None:
+    print(path.read_text())
+
+
+def command_leaderboard(args, console: Console) -> int:
+    from cl_bench import leaderboard
+
+    board, excluded, out = leaderboard.build(args.results_dir)
+    print_leaderboard(out / "LEADERBOARD.md")
+    console.print(f"wrote {out / 'leaderboard.csv'} and {out / 'LEADERBOARD.md'} "
+                  f"({len(board)} groups, {len(excluded)} runs excluded)")
+    return 0
+
+
+COMMANDS = {"run": command_run, "bench": command_bench, "list": command_list, "show": command_show,
+            "leaderboard": command_leaderboard}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    console = Console(stderr=True)
+    try:
+        args = make_parser().parse_args(argv)
+        return COMMANDS[args.command](args, console)
+    except UserError as error:
+        if debug:
+            raise
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        console.print("interrupted; rerun the same command to resume")
+        return 130
+    except Exception as error:  # a run that failed (non-finite loss) or a bug: one line, no traceback
+        if debug:
+            raise
+        from cl_bench.runner import RunFailed
+        prefix = "error" if isinstance(error, RunFailed) else f"internal error ({type(error).__name__})"
+        console.print(f"[red]{prefix}:[/red] {escape(str(error))} (rerun with --debug for details)",
+                      highlight=False, soft_wrap=True)
+        return 1
+
+
+def console_main() -> None:
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""compose(argv) -> a frozen, validated, hashed run configuration (plain omegaconf, Hydra-style syntax).
+
+Precedence, lowest first:
+1. ``BASE`` below;
+2. ``strategy=NAME`` / ``scenario=NAME`` / ``model=NAME`` load the preset ``<group>/NAME.yaml`` when
+   one exists (its ``type`` names the registered class; it defaults to NAME);
+3. the class's keyword-only constructor defaults fill every key the preset leaves out;
+4. dotted overrides (``strategy.lr=0.01``) apply last; an unknown key fails with close matches and a
+   value of the wrong type fails naming the expected type.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import types
+import typing
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from cl_bench.errors import UserError
+from cl_bench.registry import MODELS, SCENARIOS, STRATEGIES, hyperparameters, import_plugins, suggest
+
+GROUPS = {"strategy": ("strategies", STRATEGIES), "scenario": ("scenarios", SCENARIOS),
+          "model": ("models", MODELS)}
+
+BASE = {
+    "strategy": "finetune",
+    "scenario": "fmnist",
+    "model": None,  # None: the scenario's default_model
+    "seed": 0,
+    "eval_mode": "cil",  # cil: predict among all seen classes; til: mask logits to the task's classes
+    "eval_unseen": False,  # also score unseen tasks (and before training) for forward transfer
+    "eval_batch_size": 256,
+    "device": "auto",
+    "results_dir": "results",
+    "resume": True,
+    "progress": True,
+    "plugins": [],
+    "cache_dir": str(Path.home() / ".cache" / "cl_bench"),
+}
+# Keys that say where or how a run executes, not what it computes: left out of the config hashes.
+NOT_HASHED = ("results_dir", "resume", "progress", "plugins", "cache_dir", "device")
+CHOICES = {"eval_mode": ("cil", "til"), "device": None}
+
+
+def preset_dirs(folder: str) -> list[Path]:
+    """The source checkout's top-level config group first, then the copy packaged in the wheel."""
+    package = Path(__file__).resolve().parent
+    return [d for d in (package.parents[1] / folder, package / "presets" / folder) if d.is_dir()]
+
+
+def preset_names(group: str) -> list[str]:
+    folder = GROUPS[group][0]
+    return sorted({p.stem for d in preset_dirs(folder) for p in d.glob("*.yaml")})
+
+
+def load_preset(group: str, name: str) -> dict:
+    for directory in preset_dirs(GROUPS[group][0]):
+        path = directory / f"{name}.yaml"
+        if path.is_file():
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as error:
+                raise UserError(f"preset {path} is not valid YAML: {str(error).splitlines()[0]}") from error
+            if not isinstance(data, dict):
+                raise UserError(f"preset {path} must be a mapping of keys to values")
+            return data
+    return {}
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, object]]:
+    pairs = []
+    for item in argv:
+        key, sep, text = item.partition("=")
+        if not sep or not key or key.startswith(("-", ".")) or key.endswith("."):
+            raise UserError(f"expected key=value, got '{item}'")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def _annotation_types(annotation) -> tuple[type, ...] | None:
+    """The plain types a value may have, or None when anything goes."""
+    if annotation is inspect.Parameter.empty or annotation is typing.Any:
+        return None
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        found = [_annotation_types(arg) for arg in typing.get_args(annotation)]
+        return None if any(f is None for f in found) else tuple(t for f in found for t in f)
+    if origin is typing.Literal:
+        return tuple({type(arg) for arg in typing.get_args(annotation)})
+    if origin is not None:
+        return (origin,)
+    if annotation is None or annotation is type(None):
+        return (type(None),)
+    return (annotation,) if isinstance(annotation, type) else None
+
+
+def check_value(key: str, value, parameter: inspect.Parameter):
+    """``value`` converted to the parameter's type, or a UserError naming the expected type."""
+    allowed = _annotation_types(parameter.annotation)
+    if allowed is None and parameter.default not in (None, inspect.Parameter.empty):
+        allowed = (type(parameter.default),)
+    if allowed is None:
+        return value
+    if isinstance(value, bool) and bool not in allowed:
+        pass  # YAML's true/false is not an int or float here
+    elif isinstance(value, allowed):
+        return value
+    elif float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    elif list in allowed and isinstance(value, tuple):
+        return list(value)
+    elif str in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise UserError(f"{key} expects {names}, got {value!r}")
+
+
+def group_config(group: str, selection: str) -> tuple[dict, dict[str, inspect.Parameter]]:
+    """Preset values filled with the class defaults, plus the parameters used to check overrides."""
+    folder, registry = GROUPS[group]
+    preset = load_preset(group, selection)
+    type_name = preset.pop("type", selection)
+    try:
+        target = registry.get(type_name)
+    except UserError as error:
+        if not str(error).startswith("unknown"):
+            raise
+        known = sorted(set(registry.names()) | set(preset_names(group)))
+        raise UserError(f"unknown {group} '{selection}'{suggest(selection, known)}") from None
+    parameters = hyperparameters(target)
+    values = {"name": selection, "type": type_name}
+    for key, value in preset.items():
+        if key not in parameters:
+            raise UserError(f"preset {folder}/{selection}.yaml sets unknown key '{key}' for "
+                            f"{group} type '{type_name}'{suggest(key, parameters)}")
+        values[key] = check_value(f"{group}.{key}", value, parameters[key])
+    for key, parameter in parameters.items():
+        if key not in values:
+            if parameter.default is inspect.Parameter.empty:
+                raise UserError(f"{group} type '{type_name}' has a required argument '{key}' without a default")
+            values[key] = parameter.default
+    return values, parameters
+
+
+def compose(argv: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Build the run configuration from ``key=value`` arguments (see module docstring)."""
+    overrides = parse_overrides(list(argv))
+    top = dict(BASE)
+    for key, value in overrides:
+        if key in top and key not in GROUPS:
+            top[key] = value
+    import_plugins(top["plugins"] if isinstance(top["plugins"], list) else [top["plugins"]])
+    for key, value in overrides:
+        if key in GROUPS:
+            if not isinstance(value, str) or not value:
+                raise UserError(f"{key}= expects a name, got {value!r}")
+            top[key] = value
+
+    scenario_values, scenario_params = group_config("scenario", top["scenario"])
+    if top["model"] is None:
+        top["model"] = SCENARIOS.get(scenario_values["type"]).default_model
+    sections = {"scenario": (scenario_values, scenario_params)}
+    for group in ("strategy", "model"):
+        sections[group] = group_config(group, top[group])
+
+    config = {key: value for key, value in top.items() if key not in GROUPS}
+    for key, value in overrides:
+        head, _, rest = key.partition(".")
+        if head in GROUPS and rest:
+            values, parameters = sections[head]
+            if "." in rest or rest not in parameters:
+                raise UserError(f"unknown key '{key}'{suggest(rest, parameters)}".replace(
+                    "did you mean: ", f"did you mean: {head}."))
+            values[rest] = check_value(key, value, parameters[rest])
+        elif head not in GROUPS and head not in BASE:
+            raise UserError(f"unknown key '{key}'{suggest(key, list(BASE) + list(GROUPS))}")
+        elif head not in GROUPS and rest:
+            raise UserError(f"'{head}' has no sub-keys (got '{key}')")
+    for key, default in BASE.items():
+        if key in GROUPS or default is None:
+            continue
+        config[key] = check_value(key, config[key], inspect.Parameter(
+            key, inspect.Parameter.KEYWORD_ONLY, default=default))
+    if config["eval_mode"] not in CHOICES["eval_mode"]:
+        raise UserError(f"eval_mode must be one of {', '.join(CHOICES['eval_mode'])}, got {config['eval_mode']!r}")
+    for group in GROUPS:
+        config[group] = sections[group][0]
+    cfg = OmegaConf.create(config)
+    OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def config_hash(cfg: DictConfig, with_seed: bool = True, with_strategy: bool = True) -> str:
+    """sha256 (16 hex) of the resolved config, minus execution-only keys (and the seed or the
+    strategy if asked: without the strategy it identifies the setting a joint reference shares)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in NOT_HASHED + (() if with_seed else ("seed",)) + (() if with_strategy else ("strategy",)):
+        data.pop(key, None)
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_id(cfg: DictConfig) -> str:
+    return f"{cfg.scenario.name}-{cfg.model.name}-{cfg.strategy.name}-seed{cfg.seed}-{config_hash(cfg)[:8]}"

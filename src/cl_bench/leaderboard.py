@@ -1,0 +1,166 @@
+"""Collect runs, check them, aggregate over seeds, write leaderboard.csv and LEADERBOARD.md.
+
+Runs are grouped by ``group_hash`` (the config hash without the seed): mean, std and n_seeds per
+metric. A run is excluded, with its reason, when its summary is unreadable or malformed, its
+scores file is missing or does not match the checksum recorded in its summary, it did not finish,
+or a newer finished run has the same config hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cl_bench import metrics
+from cl_bench._io import atomic_write_text, read_summary
+from cl_bench.errors import UserError
+
+REQUIRED = ("schema", "run_id", "status", "strategy", "strategy_type", "scenario", "model", "seed",
+            "eval_mode", "config_hash", "group_hash", "setting_hash", "tasks_total", "tasks_completed",
+            "metrics", "cost", "scores_sha256")
+GROUP_COLUMNS = ["scenario", "model", "strategy", "eval_mode", "group_hash"]
+COST_COLUMNS = ["train_seconds", "eval_seconds", "trainable_params", "params_added_per_task",
+                "peak_memory_mb", "samples_per_second"]
+MARKDOWN_METRICS = ["acc_final_task_mean", "acc_final_sample_weighted", "acc_avg_incremental",
+                    "forgetting_max_prev", "forgetting_first_last", "bwt_last_row", "intransigence"]
+
+
+@dataclass
+class Collected:
+    runs: list[dict]  # usable summaries, each with its score matrices under "_sums"/"_counts"
+    excluded: list[tuple[str, str]]  # (run directory name, reason)
+
+
+def read_scores(path: Path, tasks: int) -> tuple[np.ndarray, np.ndarray]:
+    table = pd.read_csv(path)
+    if list(table.columns) != ["after_task", "eval_task", "sum", "count", "score"]:
+        raise ValueError("unexpected columns")
+    sums, counts = np.full((tasks + 1, tasks), np.nan), np.full((tasks + 1, tasks), np.nan)
+    for row in table.itertuples(index=False):
+        sums[int(row.after_task), int(row.eval_task) - 1] = row.sum
+        counts[int(row.after_task), int(row.eval_task) - 1] = row.count
+    return sums, counts
+
+
+def check_run(directory: Path) -> dict:
+    """The run's summary with its matrices, or ValueError with the reason it is not usable."""
+    try:
+        summary = read_summary(directory / "summary.json")
+    except UserError as error:
+        raise ValueError(f"corrupt: {error}") from None
+    missing = [key for key in REQUIRED if key not in summary]
+    if missing:
+        raise ValueError(f"corrupt: summary.json lacks {', '.join(missing)}")
+    if summary["status"] != "finished":
+        message = f": {summary.get('message')}" if summary.get("message") else ""
+        raise ValueError(f"{summary['status']} after {summary['tasks_completed']}/{summary['tasks_total']} tasks"
+                         f"{message}")
+    scores = directory / "scores.csv"
+    if not scores.is_file():
+        raise ValueError("corrupt: scores.csv is missing")
+    if hashlib.sha256(scores.read_bytes()).hexdigest() != summary["scores_sha256"]:
+        raise ValueError("corrupt: scores.csv does not match the checksum in summary.json")
+    try:
+        summary["_sums"], summary["_counts"] = read_scores(scores, int(summary["tasks_total"]))
+    except (ValueError, IndexError, pd.errors.ParserError) as error:
+        raise ValueError(f"corrupt: scores.csv unreadable ({error})") from None
+    return summary
+
+
+def collect(results_dir: str | Path) -> Collected:
+    runs_dir = Path(results_dir) / "runs"
+    if not runs_dir.is_dir():
+        raise UserError(f"no runs in {results_dir} (expected a runs/ folder); run `cl-bench run ...` first")
+    usable, excluded = {}, []
+    for directory in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        try:
+            summary = check_run(directory)
+        except ValueError as reason:
+            excluded.append((directory.name, str(reason)))
+            continue
+        key = summary["config_hash"]
+        if key in usable:  # the same config run twice (resume=false): keep the newest
+            older, newer = sorted([usable[key], summary], key=lambda s: s["provenance"].get("finished_at", 0))
+            excluded.append((older["run_id"], f"duplicate of {newer['run_id']} (same config and seed)"))
+            summary = newer
+        usable[key] = summary
+    return Collected(list(usable.values()), excluded)
+
+
+def add_intransigence(runs: list[dict]) -> None:
+    """Intransigence needs a joint run on the same scenario, model, seed and eval mode."""
+    joint = {r["setting_hash"]: r for r in runs if r["strategy_type"] == "joint"}
+    for summary in runs:
+        reference = joint.get(summary["setting_hash"])
+        value = None
+        if reference is not None and reference["_sums"].shape == summary["_sums"].shape:
+            final = reference["_sums"][-1] / reference["_counts"][-1] * 100
+            value = metrics.intransigence(summary["_sums"], summary["_counts"], final)
+        summary["metrics"]["intransigence"] = value
+
+
+def aggregate(runs: list[dict]) -> pd.DataFrame:
+    rows = []
+    for summary in runs:
+        row = {key: summary[key] for key in GROUP_COLUMNS + ["seed"]}
+        row.update({name: summary["metrics"].get(name) for name in metrics.METRIC_COLUMNS})
+        row.update({name: summary["cost"].get(name) for name in COST_COLUMNS})
+        rows.append(row)
+    columns = GROUP_COLUMNS + ["seed"] + list(metrics.METRIC_COLUMNS) + COST_COLUMNS
+    table = pd.DataFrame(rows, columns=columns)
+    values = [c for c in columns if c not in GROUP_COLUMNS + ["seed"]]
+    table[values] = table[values].apply(pd.to_numeric, errors="coerce")
+    grouped = table.groupby(GROUP_COLUMNS, sort=False)
+    board = grouped["seed"].agg(n_seeds="count", seeds=lambda s: " ".join(str(v) for v in sorted(s)))
+    for name in values:
+        board[f"{name}_mean"] = grouped[name].mean()
+        board[f"{name}_std"] = grouped[name].std(ddof=1)
+    board = board.reset_index()
+    return board.sort_values(["scenario", "model", "acc_final_task_mean_mean"], ascending=[True, True, False],
+                             na_position="last", ignore_index=True)
+
+
+def _cell(mean, std) -> str:
+    if pd.isna(mean):
+        return ""
+    return f"{mean:.2f} ± {std:.2f}" if not pd.isna(std) else f"{mean:.2f}"
+
+
+def markdown(board: pd.DataFrame, excluded: list[tuple[str, str]]) -> str:
+    out = io.StringIO()
+    out.write("# Leaderboard\n\nMean ± sample std over seeds (percent points). Columns are named by their "
+              "definition; see `results/README.md`.\n")
+    for (scenario, model), part in board.groupby(["scenario", "model"], sort=False):
+        out.write(f"\n## {scenario} on {model}\n\n")
+        header = ["strategy", "eval", "seeds"] + MARKDOWN_METRICS + ["train_seconds", "trainable_params"]
+        out.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
+        for row in part.itertuples(index=False):
+            row = row._asdict()
+            cells = [row["strategy"], row["eval_mode"], str(row["n_seeds"])]
+            cells += [_cell(row[f"{m}_mean"], row[f"{m}_std"]) for m in MARKDOWN_METRICS]
+            cells += [_cell(row["train_seconds_mean"], row["train_seconds_std"]),
+                      "" if pd.isna(row["trainable_params_mean"]) else f"{row['trainable_params_mean']:.0f}"]
+            out.write("| " + " | ".join(cells) + " |\n")
+    out.write("\n## Definitions\n\n")
+    for name in MARKDOWN_METRICS:
+        out.write(f"- `{name}`: {metrics.DEFINITIONS[name]}\n")
+    if excluded:
+        out.write("\n## Excluded runs\n\n")
+        for name, reason in excluded:
+            out.write(f"- `{name}`: {reason}\n")
+    return out.getvalue()
+
+
+def build(results_dir: str | Path, out_dir: str | Path | None = None) -> tuple[pd.DataFrame, list, Path]:
+    """Aggregate ``results_dir/runs`` and write leaderboard.csv and LEADERBOARD.md into ``out_dir``."""
+    collected = collect(results_dir)
+    add_intransigence(collected.runs)
+    board = aggregate(collected.runs)
+    out = Path(out_dir or results_dir)
+    atomic_write_text(out / "leaderboard.csv", board.to_csv(index=False, float_format="%.4f"))
+    atomic_write_text(out / "LEADERBOARD.md", markdown(board, collected.excluded))
+    return board, collected.excluded, out

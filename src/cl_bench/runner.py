@@ -1,0 +1,289 @@
+"""The task loop: train task by task, score every seen task after each, flush, resume.
+
+Results of a run live in ``<results_dir>/runs/<run_id>/``: ``config.yaml``, ``scores.csv`` (sum and
+count per (after_task, eval_task)), ``summary.json`` (metrics, costs, provenance, status) and
+``checkpoint.pt`` (strategy state and random generators after the last completed task). All are
+rewritten atomically after every task, so a crash leaves a valid partial run that the same
+command resumes; a finished run is skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cl_bench import metrics
+from cl_bench._io import atomic_write_text, atomic_torch_save, provenance, read_summary
+from cl_bench.config import config_hash, run_id
+from cl_bench.errors import UserError
+from cl_bench.models.backbone import FeatureCache, VectorBackbone
+from cl_bench.models.factory import create_backbone
+from cl_bench.registry import SCENARIOS, STRATEGIES
+from cl_bench.scenarios.base import Stream
+from cl_bench.strategies.base import Context, NonFiniteLoss, Strategy
+
+SCHEMA_VERSION = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UserError(f"device '{name}' is not a torch device") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' asked for, but no CUDA GPU is available (use device=cpu or auto)")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_stream(cfg: DictConfig) -> Stream:
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.scenario).items() if k not in ("name", "type")}
+    return SCENARIOS.get(cfg.scenario.type)(**settings).stream()
+
+
+def build_strategy(cfg: DictConfig, stream: Stream, context: Context, progress) -> tuple[Strategy, Stream, dict]:
+    """The strategy on its backbone; a frozen backbone is replaced by its cached features."""
+    strategy_class = STRATEGIES.get(cfg.strategy.type)
+    if stream.kind not in strategy_class.stream_kinds:
+        raise UserError(f"strategy '{cfg.strategy.name}' handles {' or '.join(strategy_class.stream_kinds)} "
+                        f"streams, but scenario '{cfg.scenario.name}' is a {stream.kind} stream")
+    backbone = create_backbone(cfg.model, stream.input_kind, stream.input_shape)
+    info = {"backbone_params": sum(p.numel() for p in backbone.parameters()), "feature_seconds": 0.0}
+    if backbone.frozen:
+        start = time.perf_counter()
+        cache = FeatureCache(cfg.cache_dir, batch_size=cfg.eval_batch_size, device=context.device,
+                             progress=progress)
+        stream = stream.map_inputs(lambda samples: cache.encode(backbone, samples), "features")
+        info["feature_seconds"] = time.perf_counter() - start
+        backbone = VectorBackbone(torch.nn.Identity(), backbone.out_dim, preprocessing={"cached_features": True})
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.strategy).items() if k not in ("name", "type")}
+    strategy = strategy_class(backbone, context, **settings).to(context.device)
+    return strategy, stream, info
+
+
+@torch.no_grad()
+def evaluate(strategy: Strategy, task, num_classes: int, eval_mode: str, batch_size: int) -> tuple[float, int]:
+    """(correct predictions, samples) on ``task.test``. Classes the strategy has no logit for yet
+    get the lowest score; ``til`` masks logits to the task's own classes."""
+    strategy.eval()
+    correct, device = 0, strategy.device
+    allowed = None
+    if eval_mode == "til":
+        allowed = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        allowed[list(task.classes)] = True
+    for inputs, targets in strategy.batches(task.test, batch_size, shuffle=False):
+        logits = strategy.predict(inputs).float()
+        if logits.shape[1] < num_classes:
+            pad = logits.new_full((logits.shape[0], num_classes - logits.shape[1]), torch.finfo(logits.dtype).min)
+            logits = torch.cat([logits, pad], dim=1)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, -math.inf)
+        correct += int((logits.argmax(1) == targets).sum())
+    return float(correct), len(task.test)
+
+
+class Run:
+    """One run directory: its files, its score matrices and its resumable state."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.id = run_id(cfg)
+        self.directory = Path(cfg.results_dir) / "runs" / self.id
+        self.summary_path = self.directory / "summary.json"
+        self.checkpoint_path = self.directory / "checkpoint.pt"
+
+    def previous(self) -> dict | None:
+        if not self.summary_path.exists():
+            return None
+        try:
+            return read_summary(self.summary_path)
+        except UserError:
+            return None  # unreadable: start again and overwrite
+
+    def fresh_directory(self) -> None:
+        """resume=false: keep the old run and start in the next free '<id>-rN' directory."""
+        n = 2
+        while self.directory.exists():
+            self.directory = self.directory.with_name(f"{self.id}-r{n}")
+            n += 1
+        self.summary_path = self.directory / "summary.json"
+        self.checkpoint_path = self.directory / "checkpoint.pt"
+
+    def write_scores(self, sums: np.ndarray, counts: np.ndarray) -> str:
+        """Write scores.csv; returns its sha256, which the summary records."""
+        lines = ["after_task,eval_task,sum,count,score"]
+        for i, j in zip(*np.nonzero(~np.isnan(counts))):
+            score = 100.0 * sums[i, j] / counts[i, j] if counts[i, j] else float("nan")
+            lines.append(f"{i},{j + 1},{sums[i, j]:.6g},{int(counts[i, j])},{score:.6f}")
+        text = "\n".join(lines) + "\n"
+        atomic_write_text(self.directory / "scores.csv", text)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+
+
+def run(cfg: DictConfig, *, console=None) -> dict:
+    """Train and score one configuration; returns its summary (also written to summary.json)."""
+    from cl_bench.progress import Progress
+
+    say = console.print if console is not None else (lambda *a, **k: None)
+    record = Run(cfg)
+    previous = record.previous()
+    if previous and cfg.resume and previous.get("status") == "finished":
+        say(f"[dim]{record.id}: already finished, skipped[/dim]")
+        return previous
+    if not cfg.resume:
+        record.fresh_directory()
+    record.directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record.directory / "config.yaml", OmegaConf.to_yaml(cfg))
+
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    context = Context(device=device, generator=torch.Generator().manual_seed(cfg.seed))
+    progress_bar = Progress(enabled=cfg.progress, console=console)
+    context.progress = progress_bar.track
+    with progress_bar:
+        stream = build_stream(cfg)
+        strategy, stream, info = build_strategy(cfg, stream, context, progress_bar.track)
+        T = len(stream)
+        sums, counts = np.full((T + 1, T), np.nan), np.full((T + 1, T), np.nan)
+        summary = {
+            "schema": SCHEMA_VERSION, "run_id": record.directory.name, "status": "running", "message": "",
+            "strategy": cfg.strategy.name, "strategy_type": cfg.strategy.type, "scenario": cfg.scenario.name, "model": cfg.model.name,
+            "seed": cfg.seed, "order_seed": stream.provenance.get("order_seed"), "eval_mode": cfg.eval_mode,
+            "config_hash": config_hash(cfg), "group_hash": config_hash(cfg, with_seed=False),
+            "setting_hash": config_hash(cfg, with_seed=True, with_strategy=False),
+            "tasks_total": T, "tasks_completed": 0, "per_task": [], "metrics": {}, "cost": {},
+            "provenance": {**provenance(), "device": str(device), "stream": stream.provenance},
+        }
+        start_task = 0
+        if cfg.resume and previous and record.checkpoint_path.exists():
+            start_task = resume(record, strategy, context, previous, summary, sums, counts)
+            say(f"[dim]{record.id}: resuming after task {start_task} of {T}[/dim]")
+        trainable_names: set[str] = set(summary.pop("_trainable_names", []))
+
+        def flush(status: str, message: str = "") -> None:
+            summary.update(status=status, message=message)
+            summary["metrics"] = metrics.compute_all(sums, counts) if summary["tasks_completed"] else {}
+            summary["cost"] = costs(summary, strategy, trainable_names, info, device)
+            summary["provenance"]["finished_at" if status == "finished" else "updated_at"] = time.time()
+            summary["scores_sha256"] = record.write_scores(sums, counts)
+            atomic_write_text(record.summary_path, json.dumps(summary, indent=1, default=str))
+
+        try:
+            if cfg.eval_unseen and start_task == 0:
+                score_tasks(strategy, stream, 0, range(T), sums, counts, cfg)
+            for t in range(start_task, T):
+                task = stream.tasks[t]
+                strategy.before_task(task)
+                trainable = {n for n, p in strategy.named_parameters() if p.requires_grad}
+                trainable_names |= trainable
+                trained_before = strategy.samples_trained
+                began = time.perf_counter()
+                strategy.learn(task)
+                strategy.after_task(task)
+                trained = time.perf_counter() - began
+                began = time.perf_counter()
+                scored = range(T) if cfg.eval_unseen else range(t + 1)
+                score_tasks(strategy, stream, t + 1, scored, sums, counts, cfg)
+                summary["per_task"].append({
+                    "task": t + 1, "train_seconds": trained, "eval_seconds": time.perf_counter() - began,
+                    "trainable_params": sum(p.numel() for n, p in strategy.named_parameters() if n in trainable),
+                    "total_params": sum(p.numel() for p in strategy.parameters()),
+                    "samples_trained": strategy.samples_trained - trained_before,
+                    "score": float(100 * np.nansum(sums[t + 1, : t + 1]) / np.nansum(counts[t + 1, : t + 1])),
+                })
+                summary["tasks_completed"] = t + 1
+                flush("running")  # summary before checkpoint: a crash in between only repeats a task
+                save_checkpoint(record, strategy, context, sums, counts, t + 1, trainable_names)
+                say(f"{record.id}: task {t + 1}/{T} done, accuracy on seen tasks "
+                    f"{summary['per_task'][-1]['score']:.2f} ({trained:.1f}s train)")
+        except NonFiniteLoss as error:
+            flush("failed", str(error))
+            raise RunFailed(f"run {record.directory.name} failed: {error}") from error
+        except KeyboardInterrupt:
+            flush("interrupted", "stopped by the user (Ctrl-C); rerun the same command to resume")
+            raise
+        except BaseException as error:
+            flush("failed", f"{type(error).__name__}: {error}")
+            raise
+        flush("finished")
+    return summary
+
+
+class RunFailed(Exception):
+    """A run stopped itself (e.g. a non-finite loss); its partial results are on disk."""
+
+
+def score_tasks(strategy, stream, row, columns, sums, counts, cfg) -> None:
+    for j in columns:
+        sums[row, j], counts[row, j] = evaluate(strategy, stream.tasks[j], stream.num_classes,
+                                                cfg.eval_mode, cfg.eval_batch_size)
+
+
+def costs(summary: dict, strategy: Strategy, trainable_names: set, info: dict, device) -> dict:
+    per_task = summary["per_task"]
+    train_seconds = sum(p["train_seconds"] for p in per_task)
+    totals = [p["total_params"] for p in per_task]
+    memory, memory_kind = peak_memory_mb(device)
+    samples = sum(p["samples_trained"] for p in per_task)
+    return {
+        "train_seconds": train_seconds,
+        "eval_seconds": sum(p["eval_seconds"] for p in per_task),
+        "feature_seconds": info["feature_seconds"],
+        "trainable_params": sum(p.numel() for n, p in strategy.named_parameters() if n in trainable_names),
+        "trainable_params_per_task": [p["trainable_params"] for p in per_task],
+        "params_added_per_task": (totals[-1] - totals[0]) / (len(totals) - 1) if len(totals) > 1 else None,
+        "backbone_params": info["backbone_params"],
+        "peak_memory_mb": memory, "peak_memory_kind": memory_kind,
+        "samples_per_second": samples / train_seconds if train_seconds > 0 else None,
+    }
+
+
+def save_checkpoint(record: Run, strategy, context, sums, counts, completed: int, trainable_names) -> None:
+    atomic_torch_save(record.checkpoint_path, {
+        "tasks_completed": completed, "strategy": strategy.state_dict(),
+        "generator": context.generator.get_state(), "torch_rng": torch.get_rng_state(),
+        "sums": torch.from_numpy(sums), "counts": torch.from_numpy(counts),
+        "trainable_names": sorted(trainable_names),
+    })
+
+
+def resume(record: Run, strategy, context, previous: dict, summary: dict, sums, counts) -> int:
+    """Restore the state after the last completed task; returns how many tasks are done."""
+    try:
+        state = torch.load(record.checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"checkpoint {record.checkpoint_path} is unreadable ({type(error).__name__}); "
+                        f"rerun with resume=false to start fresh") from error
+    completed = int(state["tasks_completed"])
+    strategy.load_state_dict(state["strategy"])
+    strategy.to(context.device)
+    context.generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    sums[:] = state["sums"].numpy()
+    counts[:] = state["counts"].numpy()
+    summary["per_task"] = previous.get("per_task", [])[:completed]
+    summary["tasks_completed"] = completed
+    summary["_trainable_names"] = state["trainable_names"]
+    return completed

@@ -1,0 +1,45 @@
+"""Base classes for registered scenarios: hyperparameters are keyword-only constructor arguments."""
+from __future__ import annotations
+
+from cl_bench.scenarios.base import Samples, Stream, class_incremental_stream
+
+
+class Scenario:
+    """A named source of tasks. Subclasses set ``description`` and implement ``stream()``."""
+
+    description = ""
+    default_model = "mlp"
+
+    def stream(self) -> Stream:
+        raise NotImplementedError
+
+
+class ClassIncrementalScenario(Scenario):
+    """A labelled dataset cut into B{init}-Inc{increment} tasks (see ``base.split_sizes``).
+
+    Subclasses implement ``load()`` returning ``(train, test, class_names, provenance)``.
+    """
+
+    input_kind = "image"
+
+    def __init__(self, *, init: int = 0, increment: int = 2, order_seed: int | None = 1993,
+                 remainder: str = "error", max_per_class: int | None = None,
+                 max_test_per_class: int | None = None):
+        self.init, self.increment, self.order_seed = init, increment, order_seed
+        self.remainder = remainder
+        self.max_per_class, self.max_test_per_class = max_per_class, max_test_per_class
+
+    def load(self) -> tuple[Samples, Samples, list[str], dict]:
+        raise NotImplementedError
+
+    def stream(self) -> Stream:
+        train, test, class_names, provenance = self.load()
+        return class_incremental_stream(
+            self.name, train, test, class_names, input_kind=self.input_kind, init=self.init,
+            increment=self.increment, order_seed=self.order_seed, remainder=self.remainder,
+            max_per_class=self.max_per_class, max_test_per_class=self.max_test_per_class,
+            provenance=provenance)
+
+    @property
+    def name(self) -> str:
+        return type(self).registered_name

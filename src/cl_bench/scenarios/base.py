@@ -1,0 +1,185 @@
+"""Tasks, streams and class-incremental splits.
+
+A class-incremental split B{init}-Inc{increment} shuffles the classes with a local
+``numpy.random.default_rng(order_seed)`` (separate from the training seed), relabels every
+sample by the position of its class in that order, and cuts the order into tasks: the first
+task holds ``init`` classes (or ``increment`` when ``init`` is 0), every later one ``increment``.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from cl_bench.errors import UserError
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Inputs (a tensor, or a list of strings for text) with integer targets, sliced by index arrays."""
+
+    inputs: torch.Tensor | list
+    targets: torch.Tensor
+
+    def __post_init__(self):
+        if len(self.inputs) != len(self.targets):
+            raise ValueError(f"{len(self.inputs)} inputs but {len(self.targets)} targets")
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def select(self, index) -> "Samples":
+        index = torch.as_tensor(index, dtype=torch.long)
+        if isinstance(self.inputs, torch.Tensor):
+            inputs = self.inputs[index]
+        else:
+            inputs = [self.inputs[i] for i in index.tolist()]
+        return Samples(inputs, self.targets[index])
+
+    def concat(self, other: "Samples") -> "Samples":
+        if isinstance(self.inputs, torch.Tensor):
+            inputs = torch.cat([self.inputs, other.inputs])
+        else:
+            inputs = list(self.inputs) + list(other.inputs)
+        return Samples(inputs, torch.cat([self.targets, other.targets]))
+
+    def fingerprint(self) -> str:
+        """A content hash: same inputs and targets give the same string on any machine."""
+        digest = hashlib.sha256()
+        if isinstance(self.inputs, torch.Tensor):
+            digest.update(str((self.inputs.dtype, tuple(self.inputs.shape))).encode())
+            digest.update(self.inputs.contiguous().numpy().tobytes())
+        else:
+            digest.update("\x1f".join(self.inputs).encode())
+        digest.update(self.targets.numpy().astype(np.int64).tobytes())
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Task:
+    """One step of a stream. ``classes`` holds the relabelled class ids this task introduces."""
+
+    index: int
+    name: str
+    train: Samples
+    test: Samples
+    classes: tuple[int, ...] = ()
+    instruction: str | None = None
+    scorer: Callable | None = None
+
+
+@dataclass(frozen=True)
+class Stream:
+    """An ordered list of tasks plus what is needed to reproduce it."""
+
+    name: str
+    kind: str  # "classes" or "instructions"
+    tasks: tuple[Task, ...]
+    input_kind: str  # "image" or "text"
+    input_shape: tuple[int, ...] = ()
+    class_names: tuple[str, ...] = ()
+    provenance: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def map_inputs(self, encode: Callable[[Samples], torch.Tensor], input_kind: str) -> "Stream":
+        """The same stream with every task's inputs replaced by ``encode(samples)`` (e.g. cached features)."""
+        tasks = tuple(
+            Task(t.index, t.name, Samples(encode(t.train), t.train.targets),
+                 Samples(encode(t.test), t.test.targets), t.classes, t.instruction, t.scorer)
+            for t in self.tasks
+        )
+        shape = tuple(tasks[0].train.inputs.shape[1:]) if tasks else ()
+        return Stream(self.name, self.kind, tasks, input_kind, shape, self.class_names, self.provenance)
+
+
+def class_order(num_classes: int, order_seed: int | None) -> list[int]:
+    """Classes shuffled by ``order_seed``; ``None`` keeps the dataset's own order."""
+    if order_seed is None:
+        return list(range(num_classes))
+    return [int(c) for c in np.random.default_rng(order_seed).permutation(num_classes)]
+
+
+def split_sizes(num_classes: int, init: int, increment: int, remainder: str) -> list[int]:
+    """Classes per task for B{init}-Inc{increment}.
+
+    When the classes after the first task do not divide by ``increment``, ``remainder`` says
+    what to do with the leftover classes: ``error`` (the default: refuse), ``last_task`` (add
+    them to the last task) or ``extra_task`` (one smaller task at the end).
+    """
+    if remainder not in ("error", "last_task", "extra_task"):
+        raise UserError(f"scenario.remainder must be error, last_task or extra_task, got {remainder!r}")
+    if increment < 1 or init < 0:
+        raise UserError(f"split needs increment >= 1 and init >= 0, got init={init} increment={increment}")
+    first = init or increment
+    if first > num_classes:
+        raise UserError(f"the first task needs {first} classes but the data has {num_classes}")
+    sizes = [first]
+    rest = num_classes - first
+    sizes += [increment] * (rest // increment)
+    leftover = rest % increment
+    if leftover:
+        if remainder == "last_task":
+            sizes[-1] += leftover
+        elif remainder == "extra_task":
+            sizes.append(leftover)
+        else:
+            raise UserError(
+                f"B{init}-Inc{increment} leaves {leftover} of {num_classes} classes over; set "
+                f"scenario.remainder=last_task or scenario.remainder=extra_task, or change the split")
+    return sizes
+
+
+def limit_per_class(targets: np.ndarray, max_per_class: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Indices keeping at most ``max_per_class`` random samples of each class (all when None), sorted."""
+    if max_per_class is None:
+        return np.arange(len(targets))
+    keep = []
+    for c in np.unique(targets):
+        members = np.flatnonzero(targets == c)
+        if len(members) > max_per_class:
+            members = rng.choice(members, size=max_per_class, replace=False)
+        keep.append(members)
+    return np.sort(np.concatenate(keep)) if keep else np.arange(0)
+
+
+def class_incremental_stream(
+    name: str, train: Samples, test: Samples, class_names: Sequence[str], *, input_kind: str,
+    init: int, increment: int, order_seed: int | None, remainder: str = "error",
+    max_per_class: int | None = None, max_test_per_class: int | None = None,
+    provenance: dict | None = None,
+) -> Stream:
+    """Split a labelled dataset into a class-incremental stream (see module docstring)."""
+    num_classes = len(class_names)
+    order = class_order(num_classes, order_seed)
+    sizes = split_sizes(num_classes, init, increment, remainder)
+    subsample_rng = np.random.default_rng(0 if order_seed is None else order_seed)
+    train = train.select(limit_per_class(train.targets.numpy(), max_per_class, subsample_rng))
+    test = test.select(limit_per_class(test.targets.numpy(), max_test_per_class, subsample_rng))
+    relabel = torch.empty(num_classes, dtype=torch.long)
+    relabel[torch.tensor(order)] = torch.arange(num_classes)
+    train = Samples(train.inputs, relabel[train.targets])
+    test = Samples(test.inputs, relabel[test.targets])
+    tasks, start = [], 0
+    for index, size in enumerate(sizes):
+        classes = tuple(range(start, start + size))
+        start += size
+        in_train = (train.targets >= classes[0]) & (train.targets <= classes[-1])
+        in_test = (test.targets >= classes[0]) & (test.targets <= classes[-1])
+        tasks.append(Task(index, f"task{index + 1}", train.select(torch.nonzero(in_train).flatten()),
+                          test.select(torch.nonzero(in_test).flatten()), classes))
+    ordered_names = tuple(class_names[c] for c in order)
+    info = dict(provenance or {})
+    info.update(class_order=order, order_seed=order_seed, classes_per_task=sizes,
+                data_hash=hashlib.sha256((train.fingerprint() + test.fingerprint()).encode()).hexdigest()[:16])
+    first = train.inputs[0]
+    shape = tuple(first.shape) if isinstance(first, torch.Tensor) else ()
+    return Stream(name, "classes", tuple(tasks), input_kind, shape, ordered_names, info)

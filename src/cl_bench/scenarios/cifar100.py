@@ -1,0 +1,174 @@
+"""Split-CIFAR-100: 32x32 colour images, 100 fine classes, 50000 train / 10000 test.
+
+Source: the official "CIFAR-100 python version" archive by Alex Krizhevsky
+(https://www.cs.toronto.edu/~kriz/cifar.html), extracted to ``cifar-100-python/{train,test,meta}``.
+Those files are Python 2 pickles; they are read with a restricted unpickler that only builds
+numpy arrays and plain containers, never arbitrary objects.
+"""
+from __future__ import annotations
+
+import codecs
+import hashlib
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cl_bench.errors import UserError
+from cl_bench.scenarios._scenario import ClassIncrementalScenario
+from cl_bench.scenarios.base import Samples
+
+FOLDER = "cifar-100-python"
+FILES = ("train", "test", "meta")
+CACHE_DIR = Path("~/.cache/cl_bench/data")
+
+
+def _latin1_encode(text, encoding="utf-8", errors="strict"):
+    """``_codecs.encode`` as Python 3 pickles (protocol < 3) use it for bytes, limited to latin-1."""
+    if not isinstance(text, str) or codecs.lookup(encoding).name != "iso8859-1":
+        raise pickle.UnpicklingError("_codecs.encode is only allowed as latin-1 bytes")
+    return codecs.encode(text, "latin-1", errors)
+
+
+# The only globals a CIFAR pickle may reference: numpy array/dtype/scalar reconstruction (numpy 1.x
+# wrote numpy.core.*, numpy 2.x writes numpy._core.*) and the latin-1 bytes helper of Python 3.
+_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+_SCALAR = np.float64(0).__reduce__()[0]
+ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.multiarray", "scalar"): _SCALAR,
+    ("numpy._core.multiarray", "scalar"): _SCALAR,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what the CIFAR files contain; any other global is refused with UserError."""
+
+    def __init__(self, handle, path: Path):
+        super().__init__(handle, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        try:
+            return ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise UserError(f"refusing to unpickle {module}.{name} from {self.path}: not CIFAR data") from None
+
+    def persistent_load(self, pid):
+        raise UserError(f"refusing to unpickle a persistent id from {self.path}: not CIFAR data")
+
+
+def load_pickle(path: Path) -> dict:
+    """A CIFAR pickle as a dict with str keys (the official files have Python 2 byte-string keys)."""
+    try:
+        with open(path, "rb") as handle:
+            obj = CifarUnpickler(handle, path).load()
+    except UserError:
+        raise
+    except Exception as exc:  # truncated or garbled pickles raise many types
+        raise UserError(f"cannot read {path} as a CIFAR pickle: {type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is not CIFAR data: expected a dict, found {type(obj).__name__}")
+    return {key.decode("latin-1") if isinstance(key, bytes) else key: value for key, value in obj.items()}
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def find_folder(directory: Path) -> Path | None:
+    """``directory/cifar-100-python`` or ``directory`` itself, whichever holds train, test and meta."""
+    for folder in (directory / FOLDER, directory):
+        if all((folder / name).is_file() for name in FILES):
+            return folder
+    return None
+
+
+class CIFAR100(ClassIncrementalScenario):
+    """Split-CIFAR-100 (Krizhevsky, 2009) from the official python archive: uint8 (N, 3, 32, 32), fine labels."""
+
+    description = "Split-CIFAR-100: 32x32 colour images, 100 classes (official python archive)"
+    default_model = "resnet18"
+
+    def __init__(self, *, root: str | None = None, download: bool = False,
+                 init: int = 0, increment: int = 10, order_seed: int | None = 1993,
+                 remainder: str = "error", max_per_class: int | None = None,
+                 max_test_per_class: int | None = None):
+        super().__init__(init=init, increment=increment, order_seed=order_seed, remainder=remainder,
+                         max_per_class=max_per_class, max_test_per_class=max_test_per_class)
+        self.root, self.download = root, bool(download)
+
+    def locate(self) -> Path:
+        directory = Path(self.root).expanduser() if self.root is not None else CACHE_DIR.expanduser()
+        folder = find_folder(directory)
+        if folder is None and self.download:
+            self._download(directory)
+            folder = find_folder(directory)
+        if folder is None:
+            raise UserError(
+                f"CIFAR-100 not found in {directory} (need {FOLDER}/train, test and meta); pass "
+                f"scenario.root=DIR containing {FOLDER}/ (the official python archive from "
+                "https://www.cs.toronto.edu/~kriz/cifar.html, extracted) or set scenario.download=true "
+                "with a network")
+        return folder
+
+    @staticmethod
+    def _download(directory: Path) -> None:
+        # torchvision's own download and md5 check, without its unrestricted pickle.load
+        try:
+            from torchvision.datasets import CIFAR100 as TorchvisionCIFAR100
+            from torchvision.datasets.utils import download_and_extract_archive
+        except ImportError:
+            raise UserError("scenario.download=true needs torchvision (pip install torchvision)") from None
+        try:
+            download_and_extract_archive(TorchvisionCIFAR100.url, str(directory),
+                                         filename=TorchvisionCIFAR100.filename,
+                                         md5=TorchvisionCIFAR100.tgz_md5)
+        except Exception as exc:  # network errors come in many types
+            raise UserError(f"downloading CIFAR-100 into {directory} failed: "
+                            f"{' '.join(str(exc).split())}") from None
+
+    @staticmethod
+    def _split(path: Path) -> Samples:
+        batch = load_pickle(path)
+        data, labels = batch.get("data"), batch.get("fine_labels")
+        if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
+                or data.shape[1] != 3 * 32 * 32):
+            raise UserError(f"{path} is not CIFAR data: 'data' must be a uint8 array of 3072-byte rows")
+        if labels is None or len(labels) != len(data):
+            raise UserError(f"{path} is not CIFAR-100 data: 'fine_labels' missing or not one per image")
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.size and (labels.min() < 0 or labels.max() >= 100):
+            raise UserError(f"{path} has fine labels outside 0..99")
+        images = data.reshape(-1, 3, 32, 32)  # each row: 1024 red, 1024 green, 1024 blue bytes
+        if not (images.flags.writeable and images.flags.c_contiguous):
+            images = images.copy()
+        return Samples(torch.from_numpy(images), torch.from_numpy(labels))
+
+    def load(self) -> tuple[Samples, Samples, list[str], dict]:
+        folder = self.locate()
+        meta = load_pickle(folder / "meta")
+        names = meta.get("fine_label_names")
+        if not isinstance(names, list) or len(names) != 100:
+            raise UserError(f"{folder / 'meta'} is not CIFAR-100 meta data: need 100 'fine_label_names'")
+        train, test = self._split(folder / "train"), self._split(folder / "test")
+        provenance = {
+            "source": "CIFAR-100 python version (Krizhevsky, 2009)",
+            "data_dir": str(folder),
+            "files": {name: file_digest(folder / name) for name in FILES},
+        }
+        return train, test, [_text(n) for n in names], provenance
