@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cl_bench.errors import UserError
-from cl_bench.scenarios import cifar100, fmnist, wordnet
+from cl_bench.scenarios import cifar100, fmnist
 from cl_bench.scenarios.base import Samples, class_incremental_stream, class_order, split_sizes
 from cl_bench.scenarios.cifar100 import CIFAR100
 from cl_bench.scenarios.digits import Digits
