@@ -92,14 +92,17 @@ def collect(results_dir: str | Path) -> Collected:
 
 
 def add_intransigence(runs: list[dict]) -> None:
-    """Intransigence needs a joint run on the same scenario, model, seed and eval mode."""
+    """Intransigence needs a joint run on the same scenario, model, seed and eval mode. Its
+    reference J[j] is that run's R[j][j]: a model trained on all data of tasks 1..j, scored on
+    task j (Chaudhry et al., 2018, "Riemannian Walk", Sec. 4), so a joint run's own value is 0."""
     joint = {r["setting_hash"]: r for r in runs if r["strategy_type"] == "joint"}
     for summary in runs:
         reference = joint.get(summary["setting_hash"])
         value = None
         if reference is not None and reference["_sums"].shape == summary["_sums"].shape:
-            final = reference["_sums"][-1] / reference["_counts"][-1] * 100
-            value = metrics.intransigence(summary["_sums"], summary["_counts"], final)
+            diagonal = [100 * reference["_sums"][j + 1, j] / reference["_counts"][j + 1, j]
+                        for j in range(reference["_sums"].shape[1])]
+            value = metrics.intransigence(summary["_sums"], summary["_counts"], diagonal)
         summary["metrics"]["intransigence"] = value
 
 

@@ -113,7 +113,8 @@ DEFINITIONS: dict[str, str] = {
     ),
     "intransigence": (
         "How far each task's just-trained score falls short of a joint-training reference J: "
-        "mean_j J[j] - R[j][j]; empty without a joint run of the same group."
+        "mean_j J[j] - R[j][j], J[j] = R[j][j] of the joint run (trained on tasks 1..j) of the same "
+        "scenario, model and seed; empty without one."
     ),
     "general_retention_delta": (
         "Change on held-out general suites from before training to after the last task: "

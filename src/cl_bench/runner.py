@@ -184,7 +184,8 @@ def run(cfg: DictConfig, *, console=None) -> dict:
 
         def flush(status: str, message: str = "") -> None:
             summary.update(status=status, message=message)
-            summary["metrics"] = metrics.compute_all(sums, counts) if summary["tasks_completed"] else {}
+            done = summary["tasks_completed"]  # a partial run reports metrics over the tasks it completed
+            summary["metrics"] = metrics.compute_all(sums[: done + 1, :done], counts[: done + 1, :done]) if done else {}
             summary["cost"] = costs(summary, strategy, trainable_names, info, device)
             summary["provenance"]["finished_at" if status == "finished" else "updated_at"] = time.time()
             summary["scores_sha256"] = record.write_scores(sums, counts)

@@ -43,7 +43,7 @@ def load_weights(module: nn.Module, path: str) -> None:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except Exception as error:
         raise UserError(f"could not load weights from {file}: {type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}") from error
+                        f"{' '.join(str(error).split())[:300]}") from error
     if unexpected or [k for k in missing if not k.startswith(("head", "fc.", "classifier"))]:
         raise UserError(f"weights in {file} do not fit: {len(missing)} missing, {len(unexpected)} unexpected keys "
                         f"(first: {(list(missing) + list(unexpected))[0]})")
