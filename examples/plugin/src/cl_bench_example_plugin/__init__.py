@@ -1,0 +1,1 @@
+"""An example cl-bench plugin: one strategy, exposed through the ``cl_bench.strategies`` entry point."""

@@ -1,0 +1,22 @@
+"""Shared fixtures. Tests never touch the network: the Hugging Face libraries are set offline here,
+at import, before any test module imports them."""
+import os
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+@pytest.fixture
+def tmp_results(tmp_path):
+    """A fresh results_dir for one test."""
+    path = tmp_path / "results"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def fast_args(tmp_results):
+    """Overrides for a quiet run whose results and feature cache stay in the test's tmp dir."""
+    return ["progress=false", f"results_dir={tmp_results}", f"cache_dir={tmp_results}/cache"]
