@@ -188,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 2
+    except OSError as error:  # unreadable or unwritable files: the user's to fix
+        if debug:
+            raise
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+        return 2
     except KeyboardInterrupt:
         if debug:
             raise

@@ -86,7 +86,8 @@ def evaluate(strategy: Strategy, task, num_classes: int, eval_mode: str, batch_s
     if eval_mode == "til":
         allowed = torch.zeros(num_classes, dtype=torch.bool, device=device)
         allowed[list(task.classes)] = True
-    for inputs, targets in strategy.batches(task.test, batch_size, shuffle=False):
+    batches = strategy.batches(task.test, batch_size, shuffle=False, description=f"eval {task.name}")
+    for inputs, targets in batches:
         logits = strategy.predict(inputs).float()
         if logits.shape[1] < num_classes:
             pad = logits.new_full((logits.shape[0], num_classes - logits.shape[1]), torch.finfo(logits.dtype).min)

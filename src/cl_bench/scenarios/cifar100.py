@@ -105,11 +105,8 @@ class CIFAR100(ClassIncrementalScenario):
     default_model = "resnet18"
 
     def __init__(self, *, root: str | None = None, download: bool = False,
-                 init: int = 0, increment: int = 10, order_seed: int | None = 1993,
-                 remainder: str = "error", max_per_class: int | None = None,
-                 max_test_per_class: int | None = None):
-        super().__init__(init=init, increment=increment, order_seed=order_seed, remainder=remainder,
-                         max_per_class=max_per_class, max_test_per_class=max_test_per_class)
+                 increment: int = 10, **split):
+        super().__init__(increment=increment, **split)
         self.root, self.download = root, bool(download)
 
     def locate(self) -> Path:

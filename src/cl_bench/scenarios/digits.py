@@ -19,12 +19,8 @@ class Digits(ClassIncrementalScenario):
     description = "scikit-learn's bundled 8x8 handwritten digits, 10 classes (no download)"
     default_model = "mlp"
 
-    def __init__(self, *, test_fraction: float = 0.25, split_seed: int = 0,
-                 init: int = 0, increment: int = 2, order_seed: int | None = 1993,
-                 remainder: str = "error", max_per_class: int | None = None,
-                 max_test_per_class: int | None = None):
-        super().__init__(init=init, increment=increment, order_seed=order_seed, remainder=remainder,
-                         max_per_class=max_per_class, max_test_per_class=max_test_per_class)
+    def __init__(self, *, test_fraction: float = 0.25, split_seed: int = 0, **split):
+        super().__init__(**split)
         if not 0 < test_fraction < 1:
             raise UserError(f"scenario.test_fraction must be between 0 and 1, got {test_fraction}")
         self.test_fraction, self.split_seed = float(test_fraction), int(split_seed)

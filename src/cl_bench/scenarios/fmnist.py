@@ -108,12 +108,8 @@ class FashionMNIST(ClassIncrementalScenario):
     description = "Split-Fashion-MNIST: 28x28 grey clothing images, 10 classes (Debian dataset-fashion-mnist)"
     default_model = "efficientnet_lite0"
 
-    def __init__(self, *, root: str | None = None, download: bool = False,
-                 init: int = 0, increment: int = 2, order_seed: int | None = 1993,
-                 remainder: str = "error", max_per_class: int | None = None,
-                 max_test_per_class: int | None = None):
-        super().__init__(init=init, increment=increment, order_seed=order_seed, remainder=remainder,
-                         max_per_class=max_per_class, max_test_per_class=max_test_per_class)
+    def __init__(self, *, root: str | None = None, download: bool = False, **split):
+        super().__init__(**split)
         self.root, self.download = root, bool(download)
 
     def locate(self) -> dict[str, Path]:

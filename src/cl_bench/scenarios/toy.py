@@ -24,12 +24,8 @@ class Toy(ClassIncrementalScenario):
     input_kind = "vector"
 
     def __init__(self, *, num_classes: int = 6, dim: int = 16, per_class: int = 40,
-                 test_per_class: int = 20, noise: float = 0.5, data_seed: int = 0,
-                 init: int = 0, increment: int = 2, order_seed: int | None = 1993,
-                 remainder: str = "error", max_per_class: int | None = None,
-                 max_test_per_class: int | None = None):
-        super().__init__(init=init, increment=increment, order_seed=order_seed, remainder=remainder,
-                         max_per_class=max_per_class, max_test_per_class=max_test_per_class)
+                 test_per_class: int = 20, noise: float = 0.5, data_seed: int = 0, **split):
+        super().__init__(**split)
         for key, value in (("num_classes", num_classes), ("dim", dim), ("per_class", per_class),
                            ("test_per_class", test_per_class)):
             if int(value) < 1:

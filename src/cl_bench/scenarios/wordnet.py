@@ -59,11 +59,10 @@ class WordNet(ClassIncrementalScenario):
     input_kind = "text"
 
     def __init__(self, *, root: str | None = None, test_fraction: float = 0.2, split_seed: int = 0,
-                 init: int = 0, increment: int = 9, order_seed: int | None = 1993,
-                 remainder: str = "error", max_per_class: int | None = 200,
-                 max_test_per_class: int | None = 50):
-        super().__init__(init=init, increment=increment, order_seed=order_seed, remainder=remainder,
-                         max_per_class=max_per_class, max_test_per_class=max_test_per_class)
+                 increment: int = 9, max_per_class: int | None = 200,
+                 max_test_per_class: int | None = 50, **split):
+        super().__init__(increment=increment, max_per_class=max_per_class,
+                         max_test_per_class=max_test_per_class, **split)
         if not 0 < test_fraction < 1:
             raise UserError(f"scenario.test_fraction must be between 0 and 1, got {test_fraction}")
         self.root, self.test_fraction, self.split_seed = root, float(test_fraction), int(split_seed)
