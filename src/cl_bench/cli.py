@@ -97,7 +97,7 @@ def command_bench(args, console: Console) -> int:
 
 
 def command_list(args, console: Console) -> int:
-    from cl_bench.config import GROUPS, load_preset, preset_names
+    from cl_bench.config import GROUPS, load_preset, preset_description, preset_names
 
     out = Console()
     for plural in [args.group] if args.group else list(GROUP_NAMES):
@@ -110,7 +110,7 @@ def command_list(args, console: Console) -> int:
             preset = load_preset(group, name)
             type_name = preset.get("type", name)
             try:
-                text = preset.get("description") or registry.describe(type_name)
+                text = preset_description(group, name) or registry.describe(type_name)
             except UserError as error:
                 text = f"[red]unavailable: {error}[/red]"
             table.add_row(name if type_name == name else f"{name} ({type_name})", text)

@@ -57,6 +57,16 @@ def preset_names(group: str) -> list[str]:
     return sorted({p.stem for d in preset_dirs(folder) for p in d.glob("*.yaml")})
 
 
+def preset_description(group: str, name: str) -> str:
+    """The first comment line of a preset file ('' when it has none)."""
+    for directory in preset_dirs(GROUPS[group][0]):
+        path = directory / f"{name}.yaml"
+        if path.is_file():
+            first = path.read_text().lstrip().splitlines()[:1]
+            return first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+    return ""
+
+
 def load_preset(group: str, name: str) -> dict:
     for directory in preset_dirs(GROUPS[group][0]):
         path = directory / f"{name}.yaml"
@@ -177,8 +187,7 @@ def compose(argv: list[str] | tuple[str, ...] = ()) -> DictConfig:
         if head in GROUPS and rest:
             values, parameters = sections[head]
             if "." in rest or rest not in parameters:
-                raise UserError(f"unknown key '{key}'{suggest(rest, parameters)}".replace(
-                    "did you mean: ", f"did you mean: {head}."))
+                raise UserError(f"unknown key '{key}'{suggest(key, [f'{head}.{p}' for p in parameters])}")
             values[rest] = check_value(key, value, parameters[rest])
         elif head not in GROUPS and head not in BASE:
             raise UserError(f"unknown key '{key}'{suggest(key, list(BASE) + list(GROUPS))}")
