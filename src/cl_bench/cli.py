@@ -112,8 +112,8 @@ def command_list(args, console: Console) -> int:
             try:
                 text = preset_description(group, name) or registry.describe(type_name)
             except UserError as error:
-                text = f"[red]unavailable: {error}[/red]"
-            table.add_row(name if type_name == name else f"{name} ({type_name})", text)
+                text = f"unavailable: {error}"
+            table.add_row(escape(name if type_name == name else f"{name} ({type_name})"), escape(text))
         out.print(table)
     return 0
 
@@ -136,7 +136,7 @@ def command_show(args, console: Console) -> int:
     except Exception as error:
         raise UserError(f"{directory}/scores.csv is unreadable: {error}") from error
     out = Console()
-    table = Table(title=f"{summary.get('run_id')} [{summary.get('status')}]: score R[i][j] (%)")
+    table = Table(title=escape(f"{summary.get('run_id')} [{summary.get('status')}]: score R[i][j] (%)"))
     table.add_column("after task")
     for j in range(sums.shape[1]):
         table.add_column(f"task {j + 1}", justify="right")

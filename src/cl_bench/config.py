@@ -167,7 +167,11 @@ def compose(argv: list[str] | tuple[str, ...] = ()) -> DictConfig:
     for key, value in overrides:
         if key in top and key not in GROUPS:
             top[key] = value
-    import_plugins(top["plugins"] if isinstance(top["plugins"], list) else [top["plugins"]])
+    if isinstance(top["plugins"], str):
+        top["plugins"] = [top["plugins"]]
+    top["plugins"] = check_value("plugins", top["plugins"], inspect.Parameter(
+        "plugins", inspect.Parameter.KEYWORD_ONLY, default=[]))
+    import_plugins(top["plugins"])
     for key, value in overrides:
         if key in GROUPS:
             if not isinstance(value, str) or not value:

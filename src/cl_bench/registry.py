@@ -108,7 +108,9 @@ def hyperparameters(obj) -> dict[str, inspect.Parameter]:
 
 
 def import_plugins(modules) -> None:
-    """Import local modules named by ``plugins=[...]``; they register themselves on import."""
+    """Import local modules named by ``plugins=[...]``; they register themselves on import
+    (after the built-ins, so a clashing name is reported against the built-in's origin)."""
+    import cl_bench._builtins  # noqa: F401
     for module in modules or []:
         try:
             importlib.import_module(module)
