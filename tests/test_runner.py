@@ -144,3 +144,12 @@ def test_summary_carries_provenance(tmp_path):
     assert provenance["versions"]["torch"] == torch.__version__.split("+")[0]
     assert "git_sha" in provenance and provenance["device"] == "cpu"
     assert len(summary["config_hash"]) == 16 and summary["seed"] == 0
+
+
+def test_missing_data_writes_nothing(tmp_path):
+    from cl_bench.errors import UserError
+
+    with pytest.raises(UserError, match="apt-get install"):
+        run(compose(["scenario=fmnist", f"scenario.root={tmp_path}", "model=mlp", "progress=false",
+                     f"results_dir={tmp_path}/results"]))
+    assert not (tmp_path / "results").exists()

@@ -153,24 +153,24 @@ def run(cfg: DictConfig, *, console=None) -> dict:
     if previous and cfg.resume and previous.get("status") == "finished":
         say(f"[dim]{record.id}: already finished, skipped[/dim]")
         return previous
-    if not cfg.resume:
-        record.fresh_directory()
-    record.directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(record.directory / "config.yaml", OmegaConf.to_yaml(cfg))
-
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     context = Context(device=device, generator=torch.Generator().manual_seed(cfg.seed))
     progress_bar = Progress(enabled=cfg.progress, console=console)
     context.progress = progress_bar.track
     with progress_bar:
-        stream = build_stream(cfg)
+        stream = build_stream(cfg)  # missing data or a bad setting fails here, before anything is written
         strategy, stream, info = build_strategy(cfg, stream, context, progress_bar.track)
+        if not cfg.resume:
+            record.fresh_directory()
+        record.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record.directory / "config.yaml", OmegaConf.to_yaml(cfg))
         T = len(stream)
         sums, counts = np.full((T + 1, T), np.nan), np.full((T + 1, T), np.nan)
         summary = {
             "schema": SCHEMA_VERSION, "run_id": record.directory.name, "status": "running", "message": "",
-            "strategy": cfg.strategy.name, "strategy_type": cfg.strategy.type, "scenario": cfg.scenario.name, "model": cfg.model.name,
+            "strategy": cfg.strategy.name, "strategy_type": cfg.strategy.type, "scenario": cfg.scenario.name,
+            "model": cfg.model.name,
             "seed": cfg.seed, "order_seed": stream.provenance.get("order_seed"), "eval_mode": cfg.eval_mode,
             "config_hash": config_hash(cfg), "group_hash": config_hash(cfg, with_seed=False),
             "setting_hash": config_hash(cfg, with_seed=True, with_strategy=False),
@@ -186,7 +186,8 @@ def run(cfg: DictConfig, *, console=None) -> dict:
         def flush(status: str, message: str = "") -> None:
             summary.update(status=status, message=message)
             done = summary["tasks_completed"]  # a partial run reports metrics over the tasks it completed
-            summary["metrics"] = metrics.compute_all(sums[: done + 1, :done], counts[: done + 1, :done]) if done else {}
+            summary["metrics"] = metrics.compute_all(sums[: done + 1, :done], counts[: done + 1, :done]) \
+                if done else {}
             summary["cost"] = costs(summary, strategy, trainable_names, info, device)
             summary["provenance"]["finished_at" if status == "finished" else "updated_at"] = time.time()
             summary["scores_sha256"] = record.write_scores(sums, counts)
