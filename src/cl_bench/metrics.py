@@ -24,27 +24,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = [
-    "METRIC_COLUMNS",
-    "DEFINITIONS",
-    "score_matrix",
-    "compute_all",
-    "acc_final_task_mean",
-    "acc_final_sample_weighted",
-    "acc_avg_incremental",
-    "acc_lower_triangle",
-    "forgetting_max_prev",
-    "forgetting_max_all",
-    "forgetting_first_last",
-    "bwt_last_row",
-    "bwt_last_row_over_T",
-    "bwt_all_pairs",
-    "fwt_vs_init",
-    "plasticity",
-    "intransigence",
-    "general_retention_delta",
-]
-
 METRIC_COLUMNS: tuple[str, ...] = (
     "acc_final_task_mean",
     "acc_final_sample_weighted",
@@ -61,6 +40,8 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "intransigence",
     "general_retention_delta",
 )
+
+__all__ = ["METRIC_COLUMNS", "DEFINITIONS", "score_matrix", "compute_all", *METRIC_COLUMNS]
 
 DEFINITIONS: dict[str, str] = {
     "acc_final_task_mean": (
