@@ -14,11 +14,12 @@ from cl_bench.strategies.finetune import Finetune
 
 
 def toy_config(tmp_path, *extra):
-    """A toy run; strategies with epochs train 3 of them (toy tasks are tiny)."""
+    """A smoke run on the strategy's tiny setting (toy by default); 3 epochs where it has epochs."""
     strategy = next((e.split("=")[1] for e in extra if e.startswith("strategy=")), "finetune")
-    epochs = ["strategy.epochs=3"] if "epochs" in hyperparameters(STRATEGIES.get(strategy)) else []
-    return compose(["scenario=toy", "progress=false", f"results_dir={tmp_path}", f"cache_dir={tmp_path}/cache",
-                    *epochs, *extra])
+    strategy_class = STRATEGIES.get(strategy)
+    epochs = ["strategy.epochs=3"] if "epochs" in hyperparameters(strategy_class) else []
+    return compose([*strategy_class.smoke_args, "progress=false", f"results_dir={tmp_path}",
+                    f"cache_dir={tmp_path}/cache", *epochs, *extra])
 
 
 def matrix(cfg):
@@ -32,15 +33,16 @@ def test_every_registered_strategy_runs_on_toy(tmp_path, name):
     cfg = toy_config(tmp_path, f"strategy={name}")
     summary = run(cfg)
     assert summary["status"] == "finished"
-    assert summary["tasks_completed"] == 3
+    T = summary["tasks_total"]
+    assert summary["tasks_completed"] == T >= 2
     (sums, counts), saved = matrix(cfg)
     assert saved["metrics"] == summary["metrics"]
     # every seen task scored after every task, nothing above the diagonal
-    assert not np.isnan(counts[1:][np.tril_indices(3)]).any()
-    assert np.isnan(counts[1:][np.triu_indices(3, 1)]).all()
+    assert not np.isnan(counts[1:][np.tril_indices(T)]).any()
+    assert np.isnan(counts[1:][np.triu_indices(T, 1)]).all()
     assert summary["cost"]["trainable_params_per_task"] and summary["cost"]["peak_memory_mb"] > 0
-    # toy classes are well separated: whatever the strategy, the first task is learnt
-    assert 100 * sums[1, 0] / counts[1, 0] > 80
+    # smoke settings are easy: whatever the strategy, the first task is learnt well above chance
+    assert 100 * sums[1, 0] / counts[1, 0] > 70
 
 
 def test_baselines_order_on_toy(tmp_path):

@@ -27,7 +27,7 @@ from cl_bench.errors import UserError
 from cl_bench.models.backbone import FeatureCache, VectorBackbone
 from cl_bench.models.factory import create_backbone
 from cl_bench.registry import SCENARIOS, STRATEGIES
-from cl_bench.scenarios.base import Stream
+from cl_bench.scenarios.base import Samples, Stream
 from cl_bench.strategies.base import Context, NonFiniteLoss, Strategy
 
 SCHEMA_VERSION = 1
@@ -69,6 +69,7 @@ def build_strategy(cfg: DictConfig, stream: Stream, context: Context, progress) 
         cache = FeatureCache(cfg.cache_dir, batch_size=cfg.eval_batch_size, device=context.device,
                              progress=progress)
         stream = stream.map_inputs(lambda samples: cache.encode(backbone, samples), "features")
+        context.featurize = lambda samples: Samples(cache.encode(backbone, samples), samples.targets)
         info["feature_seconds"] = time.perf_counter() - start
         backbone = VectorBackbone(torch.nn.Identity(), backbone.out_dim, preprocessing={"cached_features": True})
     settings = {k: v for k, v in OmegaConf.to_container(cfg.strategy).items() if k not in ("name", "type")}

@@ -35,6 +35,9 @@ class Context:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     generator: torch.Generator = field(default_factory=torch.Generator)
     progress: Callable[..., Iterable] = no_progress
+    # maps raw samples from outside the stream (e.g. key-initialisation data) into the inputs this
+    # strategy receives: the cached features when the backbone is frozen, else unchanged
+    featurize: Callable[[Samples], Samples] = lambda samples: samples
 
 
 class Strategy(nn.Module):
@@ -42,6 +45,8 @@ class Strategy(nn.Module):
 
     description = ""
     stream_kinds: tuple[str, ...] = ("classes",)
+    # arguments for the registry-wide smoke test: a tiny scenario and backbone this strategy runs on
+    smoke_args: tuple[str, ...] = ("scenario=toy",)
 
     def __init__(self, backbone: Backbone, context: Context):
         super().__init__()
