@@ -2,9 +2,15 @@
 from cl_bench.models import factory
 from cl_bench.registry import MODELS, SCENARIOS, STRATEGIES
 from cl_bench.scenarios.cifar100 import CIFAR100
+from cl_bench.scenarios.cub import CUB
 from cl_bench.scenarios.digits import Digits
 from cl_bench.scenarios.fmnist import FashionMNIST
+from cl_bench.scenarios.imagenet_a import ImageNetA
+from cl_bench.scenarios.imagenet_r import ImageNetR
+from cl_bench.scenarios.objectnet import ObjectNet
+from cl_bench.scenarios.omnibenchmark import OmniBenchmark
 from cl_bench.scenarios.toy import Toy
+from cl_bench.scenarios.vtab import VTAB
 from cl_bench.scenarios.wordnet import WordNet
 from cl_bench.strategies.er import ER
 from cl_bench.strategies.finetune import Finetune
@@ -14,7 +20,8 @@ from cl_bench.strategies.simplecil import SimpleCIL
 for name, strategy in {"finetune": Finetune, "joint": Joint, "er": ER, "simplecil": SimpleCIL}.items():
     STRATEGIES.register(name, strategy)
 for name, scenario in {"toy": Toy, "digits": Digits, "fmnist": FashionMNIST, "wordnet": WordNet,
-                       "cifar100": CIFAR100}.items():
+                       "cifar100": CIFAR100, "imagenet_r": ImageNetR, "imagenet_a": ImageNetA, "cub": CUB,
+                       "objectnet": ObjectNet, "omnibenchmark": OmniBenchmark, "vtab": VTAB}.items():
     SCENARIOS.register(name, scenario)
 for model in (factory.mlp, factory.small_cnn, factory.vit_tiny_test, factory.efficientnet_lite0, factory.minilm):
     MODELS.register(model.__name__, model)

@@ -143,6 +143,9 @@ def group_config(group: str, selection: str) -> tuple[dict, dict[str, inspect.Pa
     except UserError as error:
         if not str(error).startswith("unknown"):
             raise
+        if type_name != selection:
+            raise UserError(f"preset {folder}/{selection}.yaml names unknown {group} type '{type_name}'"
+                            f"{suggest(type_name, registry.names())}") from None
         known = sorted(set(registry.names()) | set(preset_names(group)))
         raise UserError(f"unknown {group} '{selection}'{suggest(selection, known)}") from None
     parameters = hyperparameters(target)

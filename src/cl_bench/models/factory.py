@@ -28,6 +28,9 @@ def _require_images(name: str, input_kind: str, input_shape: tuple):
         raise UserError(f"model '{name}' takes images, but this scenario gives {input_kind} inputs")
 
 
+CLASSIFIER_KEYS = ("head", "fc.", "classifier")
+
+
 def load_weights(module: nn.Module, path: str) -> None:
     """Load a local state dict (.safetensors, or a torch file read with weights_only=True)."""
     file = Path(path).expanduser()
@@ -41,21 +44,28 @@ def load_weights(module: nn.Module, path: str) -> None:
             state = torch.load(file, map_location="cpu", weights_only=True)
             state = state.get("state_dict", state) if isinstance(state, dict) else state
         missing, unexpected = module.load_state_dict(state, strict=False)
+        unexpected = [k for k in unexpected if not k.startswith(CLASSIFIER_KEYS)]  # a checkpoint's own head
     except Exception as error:
         raise UserError(f"could not load weights from {file}: {type(error).__name__}: "
                         f"{' '.join(str(error).split())[:300]}") from error
-    if unexpected or [k for k in missing if not k.startswith(("head", "fc.", "classifier"))]:
+    if unexpected or [k for k in missing if not k.startswith(CLASSIFIER_KEYS)]:
         raise UserError(f"weights in {file} do not fit: {len(missing)} missing, {len(unexpected)} unexpected keys "
                         f"(first: {(list(missing) + list(unexpected))[0]})")
 
 
 def timm_backbone(input_kind: str, input_shape: tuple, *, timm_name: str, pretrained: bool = False,
-                  pretrained_path: str | None = None, image_size: int | None = None, frozen: bool = False) -> Backbone:
-    """Any timm model as a feature extractor (``num_classes=0``); timm's normalisation constants."""
+                  pretrained_path: str | None = None, image_size: int | None = None, frozen: bool = False,
+                  normalize: bool = True) -> Backbone:
+    """Any timm model as a feature extractor (``num_classes=0``); timm's normalisation constants, or
+    pixels in [0, 1] when ``normalize`` is false (as the APER/LAMDA-PILOT code feeds its ViTs)."""
     import timm
 
     _require_images(timm_name, input_kind, input_shape)
     in_chans = 3 if pretrained or pretrained_path else input_shape[0]
+    try:
+        hub_id = getattr(timm.models.get_pretrained_cfg(timm_name), "hf_hub_id", None)
+    except RuntimeError as error:  # an unknown pretrained tag
+        raise UserError(f"timm could not build '{timm_name}': {error}") from None
     kwargs = {}
     if image_size and "vit" in timm_name:
         kwargs.setdefault("img_size", image_size)
@@ -64,14 +74,17 @@ def timm_backbone(input_kind: str, input_shape: tuple, *, timm_name: str, pretra
                                 in_chans=in_chans, **kwargs)
     except Exception as error:
         if pretrained:
-            raise UserError(f"pretrained weights for timm model '{timm_name}' are not available offline "
-                            f"({type(error).__name__}); download them once with a network into timm's cache, "
-                            f"or pass model.pretrained_path=FILE") from error
+            fetch = f"`hf download {hub_id}`" if hub_id else "one run with a network"
+            raise UserError(f"pretrained weights for timm model '{timm_name}' are not in the local cache "
+                            f"({type(error).__name__}); fetch them once with {fetch} on a machine with a network "
+                            f"(and HF_HUB_OFFLINE unset), or pass model.pretrained_path=FILE") from error
         raise UserError(f"timm could not build '{timm_name}': {error}") from error
     if pretrained_path:
         load_weights(net, pretrained_path)
     data = timm.data.resolve_data_config({}, model=net)
     mean, std = data["mean"], data["std"]
+    if not normalize:
+        mean, std = [0.0] * len(mean), [1.0] * len(std)
     if in_chans != len(mean):
         mean, std = [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
     return ImageBackbone(net, net.num_features, in_chans=in_chans, image_size=image_size,
@@ -88,9 +101,10 @@ def timm_fallback(name: str):
         return None
 
     def factory(input_kind, input_shape, *, pretrained: bool = False, pretrained_path: str | None = None,
-                image_size: int | None = None, frozen: bool = False):
+                image_size: int | None = None, frozen: bool = False, normalize: bool = True):
         return timm_backbone(input_kind, input_shape, timm_name=name, pretrained=pretrained,
-                             pretrained_path=pretrained_path, image_size=image_size, frozen=frozen)
+                             pretrained_path=pretrained_path, image_size=image_size, frozen=frozen,
+                             normalize=normalize)
 
     factory.description = f"timm model {name}"
     return factory

@@ -1,8 +1,8 @@
 """Tasks, streams and class-incremental splits.
 
 A class-incremental split B{init}-Inc{increment} shuffles the classes with a local
-``numpy.random.default_rng(order_seed)`` (separate from the training seed), relabels every
-sample by the position of its class in that order, and cuts the order into tasks: the first
+``numpy.random.RandomState(order_seed)`` (separate from the training seed; the same draw as PyCIL,
+so seed 1993 reproduces the papers' class orders), relabels every sample by the position of its class in that order, and cuts the order into tasks: the first
 task holds ``init`` classes (or ``increment`` when ``init`` is 0), every later one ``increment``.
 """
 from __future__ import annotations
@@ -102,10 +102,14 @@ class Stream:
 
 
 def class_order(num_classes: int, order_seed: int | None) -> list[int]:
-    """Classes shuffled by ``order_seed``; ``None`` keeps the dataset's own order."""
+    """Classes shuffled by ``order_seed``; ``None`` keeps the dataset's own order.
+
+    Uses the legacy ``RandomState(order_seed).permutation``, the same draw as PyCIL/LAMDA-PILOT's
+    ``np.random.seed(seed); np.random.permutation(n)``, so seed 1993 gives the papers' class order
+    (without touching numpy's global state)."""
     if order_seed is None:
         return list(range(num_classes))
-    return [int(c) for c in np.random.default_rng(order_seed).permutation(num_classes)]
+    return [int(c) for c in np.random.RandomState(order_seed).permutation(num_classes)]
 
 
 def split_sizes(num_classes: int, init: int, increment: int, remainder: str) -> list[int]:
