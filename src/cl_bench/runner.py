@@ -69,7 +69,8 @@ def build_strategy(cfg: DictConfig, stream: Stream, context: Context, progress) 
         cache = FeatureCache(cfg.cache_dir, batch_size=cfg.eval_batch_size, device=context.device,
                              progress=progress)
         stream = stream.map_inputs(lambda samples: cache.encode(backbone, samples), "features")
-        context.featurize = lambda samples: Samples(cache.encode(backbone, samples), samples.targets)
+        # bind the frozen backbone now: the name `backbone` is rebound to the identity just below
+        context.featurize = lambda samples, frozen=backbone: Samples(cache.encode(frozen, samples), samples.targets)
         info["feature_seconds"] = time.perf_counter() - start
         backbone = VectorBackbone(torch.nn.Identity(), backbone.out_dim, preprocessing={"cached_features": True})
     settings = {k: v for k, v in OmegaConf.to_container(cfg.strategy).items() if k not in ("name", "type")}
