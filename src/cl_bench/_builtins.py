@@ -16,10 +16,11 @@ from cl_bench.strategies.contracon import ConTraCon
 from cl_bench.strategies.er import ER
 from cl_bench.strategies.finetune import Finetune
 from cl_bench.strategies.joint import Joint
+from cl_bench.strategies.mos import MOS
 from cl_bench.strategies.simplecil import SimpleCIL
 
 for name, strategy in {"finetune": Finetune, "joint": Joint, "er": ER, "simplecil": SimpleCIL,
-                       "contracon": ConTraCon}.items():
+                       "contracon": ConTraCon, "mos": MOS}.items():
     STRATEGIES.register(name, strategy)
 for name, scenario in {"toy": Toy, "digits": Digits, "fmnist": FashionMNIST, "wordnet": WordNet,
                        "cifar100": CIFAR100, "imagenet_r": ImageNetR, "imagenet_a": ImageNetA, "cub": CUB,
