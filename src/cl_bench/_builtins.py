@@ -1,6 +1,7 @@
 """The strategies, scenarios and models that ship with cl-bench, registered by name."""
 from cl_bench.models import cct, factory
 from cl_bench.registry import MODELS, SCENARIOS, STRATEGIES
+from cl_bench.scenarios.chatterbot import ChatterBot
 from cl_bench.scenarios.cifar100 import CIFAR100
 from cl_bench.scenarios.cub import CUB
 from cl_bench.scenarios.digits import Digits
@@ -13,6 +14,7 @@ from cl_bench.scenarios.toy import Toy
 from cl_bench.scenarios.vtab import VTAB
 from cl_bench.scenarios.wordnet import WordNet
 from cl_bench.strategies.contracon import ConTraCon
+from cl_bench.strategies.dkvb import DKVB
 from cl_bench.strategies.er import ER
 from cl_bench.strategies.finetune import Finetune
 from cl_bench.strategies.joint import Joint
@@ -20,11 +22,13 @@ from cl_bench.strategies.mos import MOS
 from cl_bench.strategies.simplecil import SimpleCIL
 
 for name, strategy in {"finetune": Finetune, "joint": Joint, "er": ER, "simplecil": SimpleCIL,
-                       "contracon": ConTraCon, "mos": MOS}.items():
+                       "contracon": ConTraCon, "mos": MOS,
+                       "dkvb": DKVB}.items():
     STRATEGIES.register(name, strategy)
 for name, scenario in {"toy": Toy, "digits": Digits, "fmnist": FashionMNIST, "wordnet": WordNet,
                        "cifar100": CIFAR100, "imagenet_r": ImageNetR, "imagenet_a": ImageNetA, "cub": CUB,
-                       "objectnet": ObjectNet, "omnibenchmark": OmniBenchmark, "vtab": VTAB}.items():
+                       "objectnet": ObjectNet, "omnibenchmark": OmniBenchmark, "vtab": VTAB,
+                       "chatterbot": ChatterBot}.items():
     SCENARIOS.register(name, scenario)
 for model in (factory.mlp, factory.small_cnn, factory.vit_tiny_test, factory.efficientnet_lite0, factory.minilm,
               cct.cct):

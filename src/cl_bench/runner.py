@@ -216,6 +216,7 @@ def run(cfg: DictConfig, *, console=None) -> dict:
                     "trainable_params": sum(p.numel() for n, p in strategy.named_parameters() if n in trainable),
                     "total_params": sum(p.numel() for p in strategy.parameters()),
                     "samples_trained": strategy.samples_trained - trained_before,
+                    "samples_evaluated": int(np.nansum(counts[t + 1])),
                     "score": float(100 * np.nansum(sums[t + 1, : t + 1]) / np.nansum(counts[t + 1, : t + 1])),
                 })
                 summary["tasks_completed"] = t + 1
