@@ -2,7 +2,8 @@
 
 Each strategy runs through the normal runner on scikit-learn's digits split into 10 one-class
 tasks, on the tiny timm ViT (MOS, ConTraCon, SimpleCIL, finetune) or on frozen MLP features (DKVB),
-with one short epoch per task: the point is how costs scale with the number of tasks, not accuracy.
+with one short epoch per task: the point is how costs scale with the number of tasks, not accuracy
+(so DKVB even fits its keys on digits itself, which a real comparison must not do).
 Inference time per sample after task t is the runner's evaluation time after t divided by the test
 samples it scored (all seen tasks). MOS's retrieval should stay bounded by its iteration limit
 (at most 1 + max_iterations adapter passes per sample), so its time per sample must flatten rather
@@ -24,8 +25,10 @@ STRATEGIES = {
     "finetune": VIT + ["strategy.epochs=1"],
     "simplecil": VIT,
     "mos": VIT + ["strategy.epochs=1", "strategy.crct_epochs=1", "strategy.augment=false"],
-    "contracon": ["model=cct", "strategy.epochs=1"],
-    "dkvb": ["model=mlp", "model.frozen=true", "strategy.epochs=1"],
+    "contracon": ["model=cct", "model.image_size=8", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+                  "strategy.kernel_size=3", "strategy.epochs=1"],
+    "dkvb": ["model=mlp", "model.frozen=true", "strategy.epochs=1", "strategy.num_codebooks=32",
+             "strategy.keys_per_codebook=256"],
 }
 
 
