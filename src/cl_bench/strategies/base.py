@@ -78,6 +78,12 @@ class Strategy(nn.Module):
             part = samples.select(order[start:start + batch_size])
             yield part.inputs, part.targets.to(self.device)
 
+    def check_finite(self, loss: torch.Tensor, description: str) -> None:
+        """Stop the run (status ``failed``) on a NaN or infinite loss."""
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {loss.item()} in {description}; "
+                                f"try a smaller strategy.lr (now {getattr(self, 'lr', '?')})")
+
     def get_extra_state(self):
         return {"samples_trained": self.samples_trained}
 
@@ -130,9 +136,7 @@ class ClassifierStrategy(Strategy):
             description = f"{task.name} epoch {epoch + 1}/{self.epochs}"
             for inputs, targets in self.batches(data, self.batch_size, shuffle=True, description=description):
                 loss = self.loss(inputs, targets)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"loss became {loss.item()} in {description}; "
-                                        f"try a smaller strategy.lr (now {self.lr})")
+                self.check_finite(loss, description)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -55,7 +55,7 @@ from torch import nn
 
 from cl_bench.errors import UserError
 from cl_bench.models.cct import SequencePool
-from cl_bench.strategies.base import NonFiniteLoss, Strategy
+from cl_bench.strategies.base import Strategy
 
 
 class PerTask(nn.Module):
@@ -313,9 +313,7 @@ class ConTraCon(Strategy):
             for inputs, targets in self.batches(task.train, self.batch_size, shuffle=True, description=description):
                 logits = self.task_logits(self.backbone.prepare(inputs, self.device), t)
                 loss = F.cross_entropy(logits, local[targets], label_smoothing=self.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"loss became {loss.item()} in {description}; "
-                                        f"try a smaller strategy.lr (now {self.lr})")
+                self.check_finite(loss, description)
                 body_optimizer.zero_grad(set_to_none=True)
                 head_optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cl_bench.errors import UserError
-from cl_bench.strategies.base import NonFiniteLoss, Strategy
+from cl_bench.strategies.base import Strategy
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 SPLITTERS = ("random_projection", "chunk")
@@ -247,9 +247,7 @@ class DKVB(Strategy):
             description = f"{task.name} epoch {epoch + 1}/{self.epochs}"
             for inputs, targets in self.batches(task.train, self.batch_size, shuffle=True, description=description):
                 loss = F.cross_entropy(self(inputs), targets, label_smoothing=self.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"loss became {loss.item()} in {description}; "
-                                        f"try a smaller strategy.lr (now {self.lr})")
+                self.check_finite(loss, description)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.grad_clip > 0:

@@ -63,7 +63,7 @@ from torch import nn
 from cl_bench.errors import UserError
 from cl_bench.models.adapters import adapter_set, inject_parallel_adapters
 from cl_bench.models.backbone import ImageBackbone
-from cl_bench.strategies.base import OPTIMIZERS, ClassifierStrategy, NonFiniteLoss
+from cl_bench.strategies.base import OPTIMIZERS, ClassifierStrategy
 
 
 @dataclass
@@ -245,9 +245,7 @@ class MOS(ClassifierStrategy):
                 features = self._features(self._prepare(inputs, augment=True), self.current, legacy_pull)
                 logits = self.head(features).masked_fill(old_classes, -math.inf)
                 loss = F.cross_entropy(logits, targets) + self.sim_weight * self.similarity_loss(features)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"loss became {loss.item()} in {description}; "
-                                        f"try a smaller strategy.lr (now {self.lr})")
+                self.check_finite(loss, description)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
