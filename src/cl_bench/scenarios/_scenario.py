@@ -1,6 +1,9 @@
 """Base classes for registered scenarios: hyperparameters are keyword-only constructor arguments."""
 from __future__ import annotations
 
+import numpy as np
+
+from cl_bench.errors import UserError
 from cl_bench.scenarios.base import Samples, Stream, class_incremental_stream
 
 
@@ -43,3 +46,22 @@ class ClassIncrementalScenario(Scenario):
     @property
     def name(self) -> str:
         return type(self).registered_name
+
+
+class HeldOutScenario(ClassIncrementalScenario):
+    """A dataset without an official test split: ``test_fraction`` of it is held out for testing,
+    fixed by ``split_seed`` (separate from the class-order and training seeds)."""
+
+    def __init__(self, *, test_fraction: float = 0.25, split_seed: int = 0, **split):
+        super().__init__(**split)
+        if not 0 < test_fraction < 1:
+            raise UserError(f"scenario.test_fraction must be between 0 and 1, got {test_fraction}")
+        self.test_fraction, self.split_seed = float(test_fraction), int(split_seed)
+
+    def stratified_split(self, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted train and test indices, stratified by class (scikit-learn's ``train_test_split``)."""
+        from sklearn.model_selection import train_test_split
+
+        train, test = train_test_split(np.arange(len(targets)), test_size=self.test_fraction, stratify=targets,
+                                       random_state=self.split_seed)
+        return np.sort(train), np.sort(test)

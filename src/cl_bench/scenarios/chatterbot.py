@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from cl_bench.errors import UserError
-from cl_bench.scenarios._scenario import ClassIncrementalScenario
+from cl_bench.scenarios._scenario import HeldOutScenario
 from cl_bench.scenarios.base import Samples
 
 PACKAGE = "chatterbot_corpus"
@@ -52,29 +52,22 @@ def load_utterances() -> tuple[list[str], list[int], list[str], str]:
     return texts, labels, names, chatterbot_corpus.__version__
 
 
-class ChatterBot(ClassIncrementalScenario):
+class ChatterBot(HeldOutScenario):
     """ChatterBot English utterances labelled by topic; default 7 tasks of 3 topics."""
 
     description = "ChatterBot English dialog utterances by topic, 21 classes (PyPI chatterbot-corpus)"
     default_model = "minilm"
     input_kind = "text"
 
-    def __init__(self, *, test_fraction: float = 0.25, split_seed: int = 0, increment: int = 3, **split):
+    def __init__(self, *, increment: int = 3, **split):
         super().__init__(increment=increment, **split)
-        if not 0 < test_fraction < 1:
-            raise UserError(f"scenario.test_fraction must be between 0 and 1, got {test_fraction}")
-        self.test_fraction, self.split_seed = float(test_fraction), int(split_seed)
 
     def load(self) -> tuple[Samples, Samples, list[str], dict]:
-        from sklearn.model_selection import train_test_split
-
         texts, labels, names, version = load_utterances()
         targets = np.asarray(labels, dtype=np.int64)
-        train_idx, test_idx = train_test_split(np.arange(len(texts)), test_size=self.test_fraction,
-                                               stratify=targets, random_state=self.split_seed)
+        train_idx, test_idx = self.stratified_split(targets)
 
         def part(index: np.ndarray) -> Samples:
-            index = np.sort(index)
             return Samples([texts[i] for i in index], torch.from_numpy(targets[index]))
 
         provenance = {"source": f"chatterbot-corpus {version} (English)", "utterances": len(texts),

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from cl_bench.errors import UserError
-from cl_bench.scenarios._scenario import ClassIncrementalScenario
+from cl_bench.scenarios._scenario import HeldOutScenario
 from cl_bench.scenarios.base import Samples
 
 # The lexicographer files of WordNet 3.0, indexed by the two-digit lex_filenum of data.* lines.
@@ -51,21 +51,18 @@ def parse_data_file(path: Path) -> list[tuple[int, str]]:
     return entries
 
 
-class WordNet(ClassIncrementalScenario):
+class WordNet(HeldOutScenario):
     """WordNet 3.0 glosses labelled by their 45 lexicographer classes; default 5 tasks of 9 classes."""
 
     description = "WordNet 3.0 glosses classified by lexicographer file, 45 classes (Debian wordnet-base)"
     default_model = "minilm"
     input_kind = "text"
 
-    def __init__(self, *, root: str | None = None, test_fraction: float = 0.2, split_seed: int = 0,
-                 increment: int = 9, max_per_class: int | None = 200,
-                 max_test_per_class: int | None = 50, **split):
-        super().__init__(increment=increment, max_per_class=max_per_class,
+    def __init__(self, *, root: str | None = None, test_fraction: float = 0.2, increment: int = 9,
+                 max_per_class: int | None = 200, max_test_per_class: int | None = 50, **split):
+        super().__init__(test_fraction=test_fraction, increment=increment, max_per_class=max_per_class,
                          max_test_per_class=max_test_per_class, **split)
-        if not 0 < test_fraction < 1:
-            raise UserError(f"scenario.test_fraction must be between 0 and 1, got {test_fraction}")
-        self.root, self.test_fraction, self.split_seed = root, float(test_fraction), int(split_seed)
+        self.root = root
 
     def locate(self) -> list[Path]:
         directory = Path(self.root).expanduser() if self.root is not None else DEFAULT_ROOT
