@@ -179,11 +179,10 @@ def run(cfg: DictConfig, *, console=None) -> dict:
             "tasks_total": T, "tasks_completed": 0, "per_task": [], "metrics": {}, "cost": {},
             "provenance": {**provenance(), "device": str(device), "stream": stream.provenance},
         }
-        start_task = 0
+        start_task, trainable_names = 0, set()
         if cfg.resume and previous and record.checkpoint_path.exists():
-            start_task = resume(record, strategy, context, previous, summary, sums, counts)
+            start_task, trainable_names = resume(record, strategy, context, previous, summary, sums, counts)
             say(f"[dim]{record.id}: resuming after task {start_task} of {T}[/dim]")
-        trainable_names: set[str] = set(summary.pop("_trainable_names", []))
 
         def flush(status: str, message: str = "") -> None:
             summary.update(status=status, message=message)
@@ -275,8 +274,9 @@ def save_checkpoint(record: Run, strategy, context, sums, counts, completed: int
     })
 
 
-def resume(record: Run, strategy, context, previous: dict, summary: dict, sums, counts) -> int:
-    """Restore the state after the last completed task; returns how many tasks are done."""
+def resume(record: Run, strategy, context, previous: dict, summary: dict, sums, counts) -> tuple[int, set[str]]:
+    """Restore the state after the last completed task; returns how many tasks are done and the
+    names of the parameters trained so far."""
     try:
         state = torch.load(record.checkpoint_path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -291,5 +291,4 @@ def resume(record: Run, strategy, context, previous: dict, summary: dict, sums, 
     counts[:] = state["counts"].numpy()
     summary["per_task"] = previous.get("per_task", [])[:completed]
     summary["tasks_completed"] = completed
-    summary["_trainable_names"] = state["trainable_names"]
-    return completed
+    return completed, set(state["trainable_names"])
