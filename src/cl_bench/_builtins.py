@@ -1,5 +1,5 @@
 """The strategies, scenarios and models that ship with cl-bench, registered by name."""
-from cl_bench.models import cct, factory
+from cl_bench.models import cct, factory, lm
 from cl_bench.registry import MODELS, SCENARIOS, STRATEGIES
 from cl_bench.scenarios.chatterbot import ChatterBot
 from cl_bench.scenarios.cifar100 import CIFAR100
@@ -8,6 +8,8 @@ from cl_bench.scenarios.digits import Digits
 from cl_bench.scenarios.fmnist import FashionMNIST
 from cl_bench.scenarios.imagenet_a import ImageNetA
 from cl_bench.scenarios.imagenet_r import ImageNetR
+from cl_bench.scenarios.instruct_offline import InstructOffline
+from cl_bench.scenarios.instruct_toy import InstructToy
 from cl_bench.scenarios.objectnet import ObjectNet
 from cl_bench.scenarios.omnibenchmark import OmniBenchmark
 from cl_bench.scenarios.toy import Toy
@@ -19,17 +21,23 @@ from cl_bench.strategies.er import ER
 from cl_bench.strategies.finetune import Finetune
 from cl_bench.strategies.joint import Joint
 from cl_bench.strategies.mos import MOS
+from cl_bench.strategies.multitask import Multitask
+from cl_bench.strategies.replay import Replay
+from cl_bench.strategies.seqft import SeqFT
+from cl_bench.strategies.seqlora import SeqLoRA
 from cl_bench.strategies.simplecil import SimpleCIL
 
 for name, strategy in {"finetune": Finetune, "joint": Joint, "er": ER, "simplecil": SimpleCIL,
                        "contracon": ConTraCon, "mos": MOS,
-                       "dkvb": DKVB}.items():
+                       "dkvb": DKVB, "seqft": SeqFT, "seqlora": SeqLoRA, "replay": Replay,
+                       "multitask": Multitask}.items():
     STRATEGIES.register(name, strategy)
 for name, scenario in {"toy": Toy, "digits": Digits, "fmnist": FashionMNIST, "wordnet": WordNet,
                        "cifar100": CIFAR100, "imagenet_r": ImageNetR, "imagenet_a": ImageNetA, "cub": CUB,
                        "objectnet": ObjectNet, "omnibenchmark": OmniBenchmark, "vtab": VTAB,
-                       "chatterbot": ChatterBot}.items():
+                       "chatterbot": ChatterBot, "instruct_toy": InstructToy,
+                       "instruct_offline": InstructOffline}.items():
     SCENARIOS.register(name, scenario)
 for model in (factory.mlp, factory.small_cnn, factory.vit_tiny_test, factory.efficientnet_lite0, factory.minilm,
-              cct.cct):
+              cct.cct, lm.smollm2_135m, lm.causal_lm, lm.tiny_llama):
     MODELS.register(model.__name__, model)

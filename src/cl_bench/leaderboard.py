@@ -24,9 +24,17 @@ REQUIRED = ("schema", "run_id", "status", "strategy", "strategy_type", "scenario
             "metrics", "cost", "scores_sha256")
 GROUP_COLUMNS = ["scenario", "model", "strategy", "eval_mode", "group_hash"]
 COST_COLUMNS = ["train_seconds", "eval_seconds", "trainable_params", "params_added_per_task",
-                "peak_memory_mb", "samples_per_second"]
+                "peak_memory_mb", "samples_per_second", "train_tokens_per_second", "generation_tokens_per_second"]
+COST_DEFINITIONS = {
+    "train_tokens_per_second": "tokens (prompt and answer, no padding) trained on per second of training",
+    "generation_tokens_per_second": "tokens generated per second of generation during evaluation",
+}
+# strategies whose runs serve as the joint-training reference for intransigence
+JOINT_REFERENCES = ("joint", "multitask")
 MARKDOWN_METRICS = ["acc_final_task_mean", "acc_final_sample_weighted", "acc_avg_incremental",
                     "forgetting_max_prev", "forgetting_first_last", "bwt_last_row", "intransigence"]
+# shown in a section only when one of its runs has them (instruction streams)
+OPTIONAL_MARKDOWN = ["general_retention_delta", "train_tokens_per_second", "generation_tokens_per_second"]
 
 
 @dataclass
@@ -95,7 +103,7 @@ def add_intransigence(runs: list[dict]) -> None:
     """Intransigence needs a joint run on the same scenario, model, seed and eval mode. Its
     reference J[j] is that run's R[j][j]: a model trained on all data of tasks 1..j, scored on
     task j (Chaudhry et al., 2018, "Riemannian Walk", Sec. 4), so a joint run's own value is 0."""
-    joint = {r["setting_hash"]: r for r in runs if r["strategy_type"] == "joint"}
+    joint = {r["setting_hash"]: r for r in runs if r["strategy_type"] in JOINT_REFERENCES}
     for summary in runs:
         reference = joint.get(summary["setting_hash"])
         value = None
@@ -139,18 +147,19 @@ def markdown(board: pd.DataFrame, excluded: list[tuple[str, str]]) -> str:
               "definition; see `results/README.md`.\n")
     for (scenario, model), part in board.groupby(["scenario", "model"], sort=False):
         out.write(f"\n## {scenario} on {model}\n\n")
-        header = ["strategy", "eval", "seeds"] + MARKDOWN_METRICS + ["train_seconds", "trainable_params"]
+        shown = MARKDOWN_METRICS + [m for m in OPTIONAL_MARKDOWN if part[f"{m}_mean"].notna().any()]
+        header = ["strategy", "eval", "seeds"] + shown + ["train_seconds", "trainable_params"]
         out.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
         for row in part.itertuples(index=False):
             row = row._asdict()
             cells = [row["strategy"], row["eval_mode"], str(row["n_seeds"])]
-            cells += [_cell(row[f"{m}_mean"], row[f"{m}_std"]) for m in MARKDOWN_METRICS]
+            cells += [_cell(row[f"{m}_mean"], row[f"{m}_std"]) for m in shown]
             cells += [_cell(row["train_seconds_mean"], row["train_seconds_std"]),
                       "" if pd.isna(row["trainable_params_mean"]) else f"{row['trainable_params_mean']:.0f}"]
             out.write("| " + " | ".join(cells) + " |\n")
     out.write("\n## Definitions\n\n")
-    for name in MARKDOWN_METRICS:
-        out.write(f"- `{name}`: {metrics.DEFINITIONS[name]}\n")
+    for name in MARKDOWN_METRICS + OPTIONAL_MARKDOWN:
+        out.write(f"- `{name}`: {metrics.DEFINITIONS.get(name) or COST_DEFINITIONS[name]}\n")
     if excluded:
         out.write("\n## Excluded runs\n\n")
         for name, reason in excluded:

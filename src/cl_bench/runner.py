@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cl_bench import metrics
+from cl_bench import metrics, scorers
 from cl_bench._io import atomic_write_text, atomic_torch_save, provenance, read_summary
 from cl_bench.config import config_hash, run_id
 from cl_bench.errors import UserError
@@ -76,6 +76,13 @@ def build_strategy(cfg: DictConfig, stream: Stream, context: Context, progress) 
     settings = {k: v for k, v in OmegaConf.to_container(cfg.strategy).items() if k not in ("name", "type")}
     strategy = strategy_class(backbone, context, **settings).to(context.device)
     return strategy, stream, info
+
+
+def evaluate_instructions(strategy: Strategy, task) -> tuple[float, int]:
+    """(summed per-example scores, examples) on ``task.test``: greedy generations scored by the task's scorer."""
+    predictions = strategy.predict(task.test.prompts, task.max_new_tokens)
+    scores = scorers.score(task.scorer, predictions, task.test.references, task.test.prompts)
+    return float(scores.sum()), len(scores)
 
 
 @torch.no_grad()
@@ -163,12 +170,14 @@ def run(cfg: DictConfig, *, console=None) -> dict:
     with progress_bar:
         stream = build_stream(cfg)  # missing data or a bad setting fails here, before anything is written
         strategy, stream, info = build_strategy(cfg, stream, context, progress_bar.track)
+        initial = tensor_digests(strategy)  # checkpoints store only the tensors that differ from these
         if not cfg.resume:
             record.fresh_directory()
         record.directory.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record.directory / "config.yaml", OmegaConf.to_yaml(cfg))
-        T = len(stream)
+        T, G = len(stream), len(stream.general)
         sums, counts = np.full((T + 1, T), np.nan), np.full((T + 1, T), np.nan)
+        general_sums, general_counts = np.full((T + 1, G), np.nan), np.full((T + 1, G), np.nan)
         summary = {
             "schema": SCHEMA_VERSION, "run_id": record.directory.name, "status": "running", "message": "",
             "strategy": cfg.strategy.name, "strategy_type": cfg.strategy.type, "scenario": cfg.scenario.name,
@@ -181,28 +190,37 @@ def run(cfg: DictConfig, *, console=None) -> dict:
         }
         start_task, trainable_names = 0, set()
         if cfg.resume and previous and record.checkpoint_path.exists():
-            start_task, trainable_names = resume(record, strategy, context, previous, summary, sums, counts)
+            start_task, trainable_names = resume(record, strategy, context, previous, summary,
+                                                 (sums, counts, general_sums, general_counts))
             say(f"[dim]{record.id}: resuming after task {start_task} of {T}[/dim]")
 
         def flush(status: str, message: str = "") -> None:
             summary.update(status=status, message=message)
             done = summary["tasks_completed"]  # a partial run reports metrics over the tasks it completed
-            summary["metrics"] = metrics.compute_all(sums[: done + 1, :done], counts[: done + 1, :done]) \
-                if done else {}
+            general = 100 * general_sums[: done + 1] / general_counts[: done + 1] if G else None
+            summary["metrics"] = metrics.compute_all(sums[: done + 1, :done], counts[: done + 1, :done],
+                                                     general=general) if done else {}
+            if G:
+                summary["general"] = {"suites": [g.name for g in stream.general],
+                                      "scores": [[None if np.isnan(v) else float(v) for v in row]
+                                                 for row in 100 * general_sums / general_counts]}
             summary["cost"] = costs(summary, strategy, trainable_names, info, device)
             summary["provenance"]["finished_at" if status == "finished" else "updated_at"] = time.time()
             summary["scores_sha256"] = record.write_scores(sums, counts)
             atomic_write_text(record.summary_path, json.dumps(summary, indent=1, default=str))
 
         try:
-            if cfg.eval_unseen and start_task == 0:
-                score_tasks(strategy, stream, 0, range(T), sums, counts, cfg)
+            if start_task == 0:
+                if cfg.eval_unseen:
+                    score_tasks(strategy, stream, 0, range(T), sums, counts, cfg)
+                score_general(strategy, stream, 0, general_sums, general_counts)
             for t in range(start_task, T):
                 task = stream.tasks[t]
                 strategy.before_task(task)
                 trainable = {n for n, p in strategy.named_parameters() if p.requires_grad}
                 trainable_names |= trainable
                 trained_before = strategy.samples_trained
+                tokens_before = token_counters(strategy)
                 began = time.perf_counter()
                 strategy.learn(task)
                 strategy.after_task(task)
@@ -210,6 +228,8 @@ def run(cfg: DictConfig, *, console=None) -> dict:
                 began = time.perf_counter()
                 scored = range(T) if cfg.eval_unseen else range(t + 1)
                 score_tasks(strategy, stream, t + 1, scored, sums, counts, cfg)
+                score_general(strategy, stream, t + 1, general_sums, general_counts)
+                tokens = {k: v - tokens_before[k] for k, v in token_counters(strategy).items()}
                 summary["per_task"].append({
                     "task": t + 1, "train_seconds": trained, "eval_seconds": time.perf_counter() - began,
                     "trainable_params": sum(p.numel() for n, p in strategy.named_parameters() if n in trainable),
@@ -217,10 +237,12 @@ def run(cfg: DictConfig, *, console=None) -> dict:
                     "samples_trained": strategy.samples_trained - trained_before,
                     "samples_evaluated": int(np.nansum(counts[t + 1])),
                     "score": float(100 * np.nansum(sums[t + 1, : t + 1]) / np.nansum(counts[t + 1, : t + 1])),
+                    **tokens,
                 })
                 summary["tasks_completed"] = t + 1
                 flush("running")  # summary before checkpoint: a crash in between only repeats a task
-                save_checkpoint(record, strategy, context, sums, counts, t + 1, trainable_names)
+                save_checkpoint(record, strategy, context, (sums, counts, general_sums, general_counts), t + 1,
+                                trainable_names, initial)
                 say(f"{record.id}: task {t + 1}/{T} done, accuracy on seen tasks "
                     f"{summary['per_task'][-1]['score']:.2f} ({trained:.1f}s train)")
         except NonFiniteLoss as error:
@@ -242,8 +264,25 @@ class RunFailed(Exception):
 
 def score_tasks(strategy, stream, row, columns, sums, counts, cfg) -> None:
     for j in columns:
-        sums[row, j], counts[row, j] = evaluate(strategy, stream.tasks[j], stream.num_classes,
-                                                cfg.eval_mode, cfg.eval_batch_size)
+        if stream.kind == "instructions":
+            sums[row, j], counts[row, j] = evaluate_instructions(strategy, stream.tasks[j])
+        else:
+            sums[row, j], counts[row, j] = evaluate(strategy, stream.tasks[j], stream.num_classes,
+                                                    cfg.eval_mode, cfg.eval_batch_size)
+
+
+def score_general(strategy, stream, row, sums, counts) -> None:
+    """Held-out general suites (instruction streams): general-ability retention."""
+    for g, suite in enumerate(stream.general):
+        sums[row, g], counts[row, g] = evaluate_instructions(strategy, suite)
+
+
+TOKEN_COUNTERS = ("tokens_trained", "tokens_generated", "generation_seconds")
+
+
+def token_counters(strategy) -> dict:
+    """Language-model strategies count tokens; others report nothing."""
+    return {k: getattr(strategy, k) for k in TOKEN_COUNTERS if hasattr(strategy, k)}
 
 
 def costs(summary: dict, strategy: Strategy, trainable_names: set, info: dict, device) -> dict:
@@ -262,19 +301,51 @@ def costs(summary: dict, strategy: Strategy, trainable_names: set, info: dict, d
         "backbone_params": info["backbone_params"],
         "peak_memory_mb": memory, "peak_memory_kind": memory_kind,
         "samples_per_second": samples / train_seconds if train_seconds > 0 else None,
+        **token_rates(per_task, train_seconds),
     }
 
 
-def save_checkpoint(record: Run, strategy, context, sums, counts, completed: int, trainable_names) -> None:
+def token_rates(per_task: list[dict], train_seconds: float) -> dict:
+    if not per_task or "tokens_trained" not in per_task[0]:
+        return {}
+    trained = sum(p["tokens_trained"] for p in per_task)
+    generated = sum(p["tokens_generated"] for p in per_task)
+    generating = sum(p["generation_seconds"] for p in per_task)
+    return {"train_tokens_per_second": trained / train_seconds if train_seconds > 0 else None,
+            "generation_tokens_per_second": generated / generating if generating > 0 else None}
+
+
+def tensor_digests(module: torch.nn.Module) -> dict[str, str]:
+    """A content digest of every tensor in the state dict (blake2b of the raw bytes)."""
+    digests = {}
+    for name, tensor in module.state_dict().items():
+        if isinstance(tensor, torch.Tensor):
+            raw = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+            digests[name] = hashlib.blake2b(raw.tobytes(), digest_size=16).hexdigest() + str(tuple(tensor.shape))
+    return digests
+
+
+def changed_state(module: torch.nn.Module, initial: dict[str, str]) -> dict:
+    """The state dict without the tensors still equal to their value after construction: a frozen
+    pretrained backbone is rebuilt identically on resume, so it is not written after every task."""
+    current = tensor_digests(module)
+    return {name: value for name, value in module.state_dict().items()
+            if not isinstance(value, torch.Tensor) or current[name] != initial.get(name)}
+
+
+def save_checkpoint(record: Run, strategy, context, matrices, completed: int, trainable_names, initial) -> None:
+    sums, counts, general_sums, general_counts = matrices
+    changed = changed_state(strategy, initial)
     atomic_torch_save(record.checkpoint_path, {
-        "tasks_completed": completed, "strategy": strategy.state_dict(),
+        "tasks_completed": completed, "strategy": changed, "unchanged": sorted(set(initial) - set(changed)),
         "generator": context.generator.get_state(), "torch_rng": torch.get_rng_state(),
         "sums": torch.from_numpy(sums), "counts": torch.from_numpy(counts),
+        "general_sums": torch.from_numpy(general_sums), "general_counts": torch.from_numpy(general_counts),
         "trainable_names": sorted(trainable_names),
     })
 
 
-def resume(record: Run, strategy, context, previous: dict, summary: dict, sums, counts) -> tuple[int, set[str]]:
+def resume(record: Run, strategy, context, previous: dict, summary: dict, matrices) -> tuple[int, set[str]]:
     """Restore the state after the last completed task; returns how many tasks are done and the
     names of the parameters trained so far."""
     try:
@@ -283,12 +354,16 @@ def resume(record: Run, strategy, context, previous: dict, summary: dict, sums, 
         raise UserError(f"checkpoint {record.checkpoint_path} is unreadable ({type(error).__name__}); "
                         f"rerun with resume=false to start fresh") from error
     completed = int(state["tasks_completed"])
-    strategy.load_state_dict(state["strategy"])
+    missing, unexpected = strategy.load_state_dict(state["strategy"], strict=False)
+    if unexpected or set(missing) - set(state["unchanged"]):
+        raise UserError(f"checkpoint {record.checkpoint_path} does not fit this strategy "
+                        f"({len(unexpected)} unexpected, {len(set(missing) - set(state['unchanged']))} missing "
+                        f"tensors); rerun with resume=false to start fresh")
     strategy.to(context.device)
     context.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
-    sums[:] = state["sums"].numpy()
-    counts[:] = state["counts"].numpy()
+    for target, key in zip(matrices, ("sums", "counts", "general_sums", "general_counts")):
+        target[:] = state[key].numpy()
     summary["per_task"] = previous.get("per_task", [])[:completed]
     summary["tasks_completed"] = completed
     return completed, set(state["trainable_names"])

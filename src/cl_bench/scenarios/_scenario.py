@@ -1,10 +1,12 @@
 """Base classes for registered scenarios: hyperparameters are keyword-only constructor arguments."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from cl_bench.errors import UserError
-from cl_bench.scenarios.base import Samples, Stream, class_incremental_stream
+from cl_bench.scenarios.base import Examples, Samples, Stream, Task, class_incremental_stream, instruction_stream
 
 
 class Scenario:
@@ -65,3 +67,44 @@ class HeldOutScenario(ClassIncrementalScenario):
         train, test = train_test_split(np.arange(len(targets)), test_size=self.test_fraction, stratify=targets,
                                        random_state=self.split_seed)
         return np.sort(train), np.sort(test)
+
+
+class InstructionScenario(Scenario):
+    """An ordered list of instruction tasks (and optional held-out general suites).
+
+    Subclasses implement ``build()`` returning ``(tasks, general_suites, provenance)``; the base caps
+    every task at ``max_train_per_task`` / ``max_test_per_task`` examples (a random subset drawn with
+    ``subsample_seed``, separate from the training seed) and checks the stream.
+    """
+
+    default_model = "smollm2_135m"
+
+    def __init__(self, *, max_train_per_task: int | None = None, max_test_per_task: int | None = None,
+                 subsample_seed: int = 0):
+        for key, value in (("max_train_per_task", max_train_per_task), ("max_test_per_task", max_test_per_task)):
+            if value is not None and value < 1:
+                raise UserError(f"scenario.{key} must be >= 1 (or null for all), got {value}")
+        self.max_train_per_task, self.max_test_per_task = max_train_per_task, max_test_per_task
+        self.subsample_seed = subsample_seed
+
+    def build(self) -> tuple[list[Task], list[Task], dict]:
+        raise NotImplementedError
+
+    def stream(self) -> Stream:
+        tasks, general, provenance = self.build()
+        rng = np.random.default_rng(self.subsample_seed)
+
+        def cap(examples: Examples, limit: int | None) -> Examples:
+            if limit is None or len(examples) <= limit:
+                return examples
+            return examples.select(np.sort(rng.choice(len(examples), size=limit, replace=False)))
+
+        tasks = [replace(t, index=i, train=cap(t.train, self.max_train_per_task),
+                         test=cap(t.test, self.max_test_per_task)) for i, t in enumerate(tasks)]
+        provenance = {**provenance, "max_train_per_task": self.max_train_per_task,
+                      "max_test_per_task": self.max_test_per_task, "subsample_seed": self.subsample_seed}
+        return instruction_stream(self.name, tasks, general=general, provenance=provenance)
+
+    @property
+    def name(self) -> str:
+        return type(self).registered_name

@@ -1,4 +1,4 @@
-"""Tasks, streams and class-incremental splits.
+"""Tasks, streams, class-incremental splits and instruction streams.
 
 A class-incremental split B{init}-Inc{increment} shuffles the classes with a local
 ``numpy.random.RandomState(order_seed)`` (separate from the training seed; the same draw as PyCIL,
@@ -59,16 +59,65 @@ class Samples:
 
 
 @dataclass(frozen=True)
+class Examples:
+    """Instruction examples: rendered prompts, the answer trained on, and the answers accepted when
+    scoring (``references``; defaults to the answer alone)."""
+
+    prompts: list
+    answers: list
+    references: tuple = ()
+
+    def __post_init__(self):
+        if len(self.prompts) != len(self.answers):
+            raise ValueError(f"{len(self.prompts)} prompts but {len(self.answers)} answers")
+        if not self.references:
+            object.__setattr__(self, "references", tuple((a,) for a in self.answers))
+        elif len(self.references) != len(self.answers):
+            raise ValueError(f"{len(self.references)} reference sets for {len(self.answers)} answers")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def select(self, index) -> "Examples":
+        index = [int(i) for i in torch.as_tensor(index, dtype=torch.long).tolist()]
+        return Examples([self.prompts[i] for i in index], [self.answers[i] for i in index],
+                        tuple(self.references[i] for i in index))
+
+    def concat(self, other: "Examples") -> "Examples":
+        return Examples(list(self.prompts) + list(other.prompts), list(self.answers) + list(other.answers),
+                        tuple(self.references) + tuple(other.references))
+
+    def state(self) -> list:
+        """Plain lists, for checkpoints loaded with ``torch.load(weights_only=True)``."""
+        return [list(self.prompts), list(self.answers), [list(r) for r in self.references]]
+
+    @classmethod
+    def from_state(cls, state: list) -> "Examples":
+        prompts, answers, references = state
+        return cls(prompts, answers, tuple(tuple(r) for r in references))
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for prompt, references in zip(self.prompts, self.references):
+            digest.update(prompt.encode() + b"\x1e" + "\x1f".join(references).encode() + b"\x1d")
+        digest.update("\x1f".join(self.answers).encode())
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
 class Task:
-    """One step of a stream. ``classes`` holds the relabelled class ids this task introduces."""
+    """One step of a stream. A class-incremental task has ``classes`` (the relabelled class ids it
+    introduces); an instruction task has its ``instruction`` template, the name of its ``scorer``
+    (see ``cl_bench.scorers``) and the generation budget ``max_new_tokens``."""
 
     index: int
     name: str
-    train: Samples
-    test: Samples
+    train: Samples | Examples
+    test: Samples | Examples
     classes: tuple[int, ...] = ()
     instruction: str | None = None
-    scorer: Callable | None = None
+    scorer: str | None = None
+    max_new_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,6 +131,8 @@ class Stream:
     input_shape: tuple[int, ...] = ()
     class_names: tuple[str, ...] = ()
     provenance: dict = field(default_factory=dict)
+    # held-out suites scored before training and after every task (general-ability retention)
+    general: tuple[Task, ...] = ()
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -94,11 +145,11 @@ class Stream:
         """The same stream with every task's inputs replaced by ``encode(samples)`` (e.g. cached features)."""
         tasks = tuple(
             Task(t.index, t.name, Samples(encode(t.train), t.train.targets),
-                 Samples(encode(t.test), t.test.targets), t.classes, t.instruction, t.scorer)
+                 Samples(encode(t.test), t.test.targets), t.classes)
             for t in self.tasks
         )
         shape = tuple(tasks[0].train.inputs.shape[1:]) if tasks else ()
-        return Stream(self.name, self.kind, tasks, input_kind, shape, self.class_names, self.provenance)
+        return Stream(self.name, self.kind, tasks, input_kind, shape, self.class_names, self.provenance, self.general)
 
 
 def class_order(num_classes: int, order_seed: int | None) -> list[int]:
@@ -187,3 +238,27 @@ def class_incremental_stream(
     first = train.inputs[0]
     shape = tuple(first.shape) if isinstance(first, torch.Tensor) else ()
     return Stream(name, "classes", tuple(tasks), input_kind, shape, ordered_names, info)
+
+
+def instruction_stream(name: str, tasks: Sequence[Task], *, general: Sequence[Task] = (),
+                       provenance: dict | None = None) -> Stream:
+    """An instruction stream in the given task order; its provenance records the order and a data hash."""
+    from cl_bench.scorers import SCORERS
+
+    for task in [*tasks, *general]:
+        if task.scorer not in SCORERS:
+            raise UserError(f"task '{task.name}' names scorer {task.scorer!r}; known: {', '.join(SCORERS)}")
+        if task.max_new_tokens < 1:
+            raise UserError(f"task '{task.name}' needs max_new_tokens >= 1")
+        if len(task.test) == 0:
+            raise UserError(f"task '{task.name}' has no test examples")
+    digest = hashlib.sha256()
+    for task in [*tasks, *general]:
+        digest.update(f"{task.name}|{task.instruction}|{task.scorer}|{task.max_new_tokens}".encode())
+        digest.update((task.train.fingerprint() + task.test.fingerprint()).encode())
+    info = dict(provenance or {})
+    info.update(task_order=[t.name for t in tasks], general_suites=[g.name for g in general],
+                scorers={t.name: t.scorer for t in [*tasks, *general]},
+                examples={t.name: [len(t.train), len(t.test)] for t in [*tasks, *general]},
+                data_hash=digest.hexdigest()[:16])
+    return Stream(name, "instructions", tuple(tasks), "text", (), (), info, tuple(general))

@@ -1,0 +1,168 @@
+"""The language-model family: strategies that train a causal LM on instruction tasks and answer by
+greedy generation.
+
+A training step is ``loss(batch, task)`` (next-token cross-entropy on the answer tokens), a gradient
+clip over the trainable tensors, an AdamW step, then ``after_optimizer_step()``; methods override
+the piece they change. Batches are grouped by length (shuffled, then sorted inside windows of 32
+batches) so padding stays small without a per-example loop. ``predict(prompts, max_new_tokens)``
+returns generated strings; the runner scores them with the task's scorer.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+
+from cl_bench.errors import UserError
+from cl_bench.models.lm import LanguageModel
+from cl_bench.scenarios.base import Examples, Task
+from cl_bench.strategies.base import Context, Strategy
+
+LENGTH_WINDOW = 32  # batches per window sorted by length
+
+
+class LanguageModelStrategy(Strategy):
+    """Sequential training of a causal LM on each task's examples; every weight of the LM trains
+    unless a subclass freezes it."""
+
+    stream_kinds = ("instructions",)
+    smoke_args = ("scenario=instruct_toy", "model=tiny_llama", "strategy.lr=0.01", "strategy.batch_size=4")
+
+    def __init__(self, backbone: LanguageModel, context: Context, *, epochs: int = 1, batch_size: int = 8,
+                 lr: float = 1e-4, weight_decay: float = 0.0, grad_clip: float = 1.0,
+                 generation_batch_size: int = 16, bf16: bool = False, gradient_checkpointing: bool = False):
+        super().__init__(backbone, context)
+        if not isinstance(backbone, LanguageModel):
+            raise UserError(f"strategy {type(self).__name__} needs a language model (e.g. model=smollm2_135m), "
+                            f"got {type(backbone).__name__}")
+        if epochs < 0 or batch_size < 1 or lr < 0 or generation_batch_size < 1:
+            raise UserError(f"need epochs >= 0, batch_size >= 1, generation_batch_size >= 1 and lr >= 0 "
+                            f"(got {epochs}, {batch_size}, {generation_batch_size}, {lr})")
+        if bf16 and context.device.type != "cuda":
+            raise UserError("strategy.bf16=true is for GPU runs; on the CPU keep float32")
+        self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
+        self.weight_decay, self.grad_clip = weight_decay, grad_clip
+        self.generation_batch_size, self.bf16 = generation_batch_size, bf16
+        if gradient_checkpointing:
+            backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            backbone.model.config.use_cache = False
+        self.tokens_trained = self.tokens_generated = 0
+        self.generation_seconds = 0.0
+
+    @property
+    def lm(self):
+        return self.backbone.model
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the trainable tensors only (frozen ones get no optimizer state)."""
+        return torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def training_data(self, task: Task) -> Examples:
+        return task.train
+
+    def example_batches(self, examples: Examples, *, description: str = ""):
+        """Shuffled batches of ``examples``, grouped by prompt+answer length inside windows."""
+        count = len(examples)
+        order = torch.randperm(count, generator=self.context.generator).tolist()
+        size = [len(examples.prompts[i]) + len(examples.answers[i]) for i in range(count)]
+        window = LENGTH_WINDOW * self.batch_size
+        batches = []
+        for start in range(0, count, window):
+            part = sorted(order[start:start + window], key=size.__getitem__)
+            batches += [part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+        shuffled = torch.randperm(len(batches), generator=self.context.generator).tolist()
+        for index in self.context.progress(shuffled, description, total=len(batches)):
+            yield examples.select(batches[index])
+
+    def encode(self, batch: Examples) -> dict[str, torch.Tensor]:
+        return self.backbone.training_batch(batch.prompts, batch.answers, self.device)
+
+    def lm_loss(self, encoded: dict[str, torch.Tensor], **forward) -> torch.Tensor:
+        with self.autocast():
+            return self.lm(**encoded, **forward).loss
+
+    def loss(self, batch: Examples, task: Task) -> torch.Tensor:
+        return self.lm_loss(self.encode(batch))
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def learn(self, task: Task) -> None:
+        data = self.training_data(task)
+        self.train()
+        optimizer = self.make_optimizer()
+        trainable = self.trainable_parameters()
+        for epoch in range(self.epochs):
+            description = f"{task.name} epoch {epoch + 1}/{self.epochs}"
+            for batch in self.example_batches(data, description=description):
+                loss = self.loss(batch, task)
+                self.check_finite(loss, description)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(trainable, self.grad_clip)
+                optimizer.step()
+                self.after_optimizer_step()
+                self.samples_trained += len(batch)
+                self.tokens_trained += self.count_tokens(batch)
+
+    def count_tokens(self, batch: Examples) -> int:
+        ids = self.backbone.tokenizer([self.backbone.render(p) + a for p, a in zip(batch.prompts, batch.answers)],
+                                      add_special_tokens=False)["input_ids"]
+        return sum(min(len(i) + 1, self.backbone.max_length) for i in ids)
+
+    @torch.no_grad()
+    def predict(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        self.eval()
+        began = time.perf_counter()
+        with self.autocast():
+            texts, generated = self.backbone.generate(list(prompts), max_new_tokens=max_new_tokens,
+                                                      batch_size=self.generation_batch_size, device=self.device)
+        self.tokens_generated += generated
+        self.generation_seconds += time.perf_counter() - began
+        return texts
+
+    def get_extra_state(self):
+        return {**super().get_extra_state(), "tokens_trained": self.tokens_trained,
+                "tokens_generated": self.tokens_generated, "generation_seconds": self.generation_seconds}
+
+    def set_extra_state(self, state):
+        super().set_extra_state(state)
+        self.tokens_trained, self.tokens_generated = state["tokens_trained"], state["tokens_generated"]
+        self.generation_seconds = state["generation_seconds"]
+
+
+class LoRAStrategy(LanguageModelStrategy):
+    """The base LM frozen, one peft LoRA adapter (Hu et al., 2022) trained through the stream."""
+
+    def __init__(self, backbone: LanguageModel, context: Context, *, lora_r: int = 8, lora_alpha: int = 16,
+                 lora_dropout: float = 0.05, lora_targets: str = "q_proj,v_proj", **kwargs):
+        super().__init__(backbone, context, **kwargs)
+        self.lora_r, self.lora_alpha, self.lora_dropout = lora_r, lora_alpha, lora_dropout
+        self.lora_targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
+        backbone.model = add_lora(backbone.model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
+                                  targets=self.lora_targets)
+
+
+def add_lora(model, *, r: int, alpha: float, dropout: float, targets: list[str], adapter_name: str = "default"):
+    """Freeze ``model`` and wrap it in a peft LoRA model (B initialised to zero: identical outputs)."""
+    from peft import LoraConfig, get_peft_model
+
+    if r < 1:
+        raise UserError(f"strategy.lora_r must be >= 1, got {r}")
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in present]
+    if missing or not targets:
+        raise UserError(f"strategy.lora_targets names modules this model lacks: {missing or targets}; "
+                        f"its linear layers include {sorted(n for n in present if n.endswith('proj'))}")
+    model.requires_grad_(False)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config, adapter_name=adapter_name)

@@ -1,0 +1,184 @@
+"""Instruction streams: scorers, the language-model wrapper, the LM baselines end to end, general
+suites, token rates, resume and the offline stream."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cl_bench.config import compose
+from cl_bench.errors import UserError
+from cl_bench.models.lm import IGNORE_INDEX, tiny_llama
+from cl_bench.registry import SCENARIOS
+from cl_bench.runner import Run, run
+from cl_bench.scenarios.base import Examples
+from cl_bench.scorers import SCORERS, normalize_answer
+from cl_bench.strategies._language_model import LanguageModelStrategy
+from cl_bench.strategies.base import Context
+
+
+def lm_config(tmp_path, *extra):
+    return compose(["scenario=instruct_toy", "model=tiny_llama", "strategy.lr=0.01", "strategy.batch_size=4",
+                    "strategy.epochs=3", "progress=false", f"results_dir={tmp_path}", f"cache_dir={tmp_path}/c",
+                    *extra])
+
+
+# --- scorers, hand-computed -------------------------------------------------------------------
+
+def test_normalisation_and_exact_match():
+    assert normalize_answer("  The  Cat, sat! ") == "cat sat"
+    scores = SCORERS["exact_match"](["The cat.", "dog", "", "a Dog"], [("cat",), ("cat", "dog"), ("x",), ("cat",)])
+    assert scores.tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_accuracy_reads_the_first_line_only():
+    scores = SCORERS["accuracy"](["animal\nbecause it barks", "\n food", "animal food"], [("animal",)] * 3)
+    assert scores.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_rouge_l_and_edit_similarity_by_hand():
+    # LCS("a b c d", "a x c d") = 3 words: precision = recall = 3/4
+    assert SCORERS["rouge_l"](["a x c d"], [("a b c d",)])[0] == pytest.approx(0.75)
+    # Indel distance between "kitten" and "sitting": 5 over 13 characters -> 1 - 5/13
+    assert SCORERS["edit_similarity"](["kitten"], [("sitting",)])[0] == pytest.approx(1 - 5 / 13)
+    # the best of several references counts; an empty prediction scores 0
+    assert SCORERS["rouge_l"](["red", ""], [("blue", "red"), ("",)]).tolist() == [1.0, 0.0]
+
+
+def test_answer_recall_counts_reference_words_in_a_chatty_reply():
+    scores = SCORERS["answer_recall"](["I think it was Richard Nixon.", "Nixon"], [("Richard Nixon",)] * 2)
+    assert scores.tolist() == [1.0, 0.5]
+
+
+# --- the language-model wrapper ----------------------------------------------------------------
+
+def test_training_batch_masks_everything_but_the_answer():
+    lm = tiny_llama("text", ())
+    batch = lm.training_batch(["Q: hi", "Q: a longer prompt"], ["yes", "no"], "cpu")
+    eos = lm.tokenizer.eos_token_id
+    for row, labels, mask, answer in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], ["yes", "no"]):
+        answer_ids = lm.tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
+        kept = labels[labels != IGNORE_INDEX].tolist()
+        assert kept == answer_ids
+        assert row[mask.bool()].tolist()[-len(answer_ids):] == answer_ids
+
+
+def test_training_batch_truncates_the_prompt_never_the_answer():
+    lm = tiny_llama("text", (), max_position_embeddings=32)
+    batch = lm.training_batch(["x" * 200], ["the answer"], "cpu")
+    assert batch["input_ids"].shape[1] == 32
+    assert (batch["labels"] != IGNORE_INDEX).sum() == len("the answer") + 1
+
+
+def test_batched_generation_equals_one_by_one():
+    """Left padding, length sorting and the KV cache must not change greedy outputs or their order."""
+    lm = tiny_llama("text", (), init_seed=3)
+    prompts = ["a", "a much longer prompt here", "mid size", "zz"]
+    together, count = lm.generate(prompts, max_new_tokens=6, batch_size=4, device="cpu")
+    alone = [lm.generate([p], max_new_tokens=6, batch_size=1, device="cpu")[0][0] for p in prompts]
+    assert together == alone
+    assert count <= 6 * len(prompts)
+
+
+def test_language_model_strategies_refuse_class_streams(tmp_path):
+    with pytest.raises(UserError, match="handles instructions streams"):
+        run(compose(["strategy=seqlora", "scenario=toy", "progress=false", f"results_dir={tmp_path}"]))
+    with pytest.raises(UserError, match="handles classes streams"):
+        run(compose(["strategy=finetune", "scenario=instruct_toy", "progress=false", f"results_dir={tmp_path}"]))
+
+
+# --- baselines end to end ----------------------------------------------------------------------
+
+def test_lm_baselines_order_on_the_toy_stream(tmp_path):
+    """multitask >= replay > seqlora in final score; seqlora forgets more than replay."""
+    final = {name: run(lm_config(tmp_path, f"strategy={name}"))["metrics"]
+             for name in ("seqlora", "replay", "multitask")}
+    assert final["multitask"]["acc_final_task_mean"] >= final["replay"]["acc_final_task_mean"]
+    assert final["replay"]["acc_final_task_mean"] > final["seqlora"]["acc_final_task_mean"] + 20
+    assert final["seqlora"]["forgetting_max_prev"] > final["replay"]["forgetting_max_prev"]
+
+
+def test_summary_has_general_suites_token_rates_and_lora_keeps_the_base(tmp_path):
+    cfg = lm_config(tmp_path, "strategy=seqlora")
+    summary = run(cfg)
+    general = summary["general"]
+    assert general["suites"] == ["twice"] and len(general["scores"]) == summary["tasks_total"] + 1
+    scores = np.array(general["scores"], dtype=float)
+    assert summary["metrics"]["general_retention_delta"] == pytest.approx(scores[-1, 0] - scores[0, 0])
+    cost = summary["cost"]
+    assert cost["train_tokens_per_second"] > 0 and cost["generation_tokens_per_second"] is not None
+    assert all(p["tokens_trained"] > 0 for p in summary["per_task"])
+    assert cost["trainable_params"] == 4 * 2 * (8 * 64 + 64 * 8)  # r=8 on q and v of 4 layers
+    # the checkpoint holds the adapter, not the frozen random base it can rebuild
+    state = torch.load(Run(cfg).checkpoint_path, weights_only=True)["strategy"]
+    assert any("lora_" in k for k in state) and not any("embed_tokens" in k for k in state)
+
+
+def test_lm_run_resumes_to_identical_scores(tmp_path, monkeypatch):
+    reference = run(lm_config(tmp_path / "a", "strategy=replay"))
+    cfg = lm_config(tmp_path / "b", "strategy=replay")
+    original = LanguageModelStrategy.learn
+
+    def interrupt_second(self, task):
+        if task.index == 1:
+            raise KeyboardInterrupt
+        return original(self, task)
+
+    monkeypatch.setattr(LanguageModelStrategy, "learn", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.setattr(LanguageModelStrategy, "learn", original)
+    resumed = run(cfg)
+    assert resumed["metrics"] == reference["metrics"]
+    assert resumed["general"] == reference["general"]
+    a = (tmp_path / "a" / "runs").glob("*/scores.csv")
+    b = (tmp_path / "b" / "runs").glob("*/scores.csv")
+    assert next(a).read_text() == next(b).read_text()
+
+
+def test_replay_memory_holds_examples_of_past_tasks_only(tmp_path):
+    stream = SCENARIOS.get("instruct_toy")().stream()
+    from cl_bench.strategies.replay import Replay
+    strategy = Replay(tiny_llama("text", ()), Context(), memory_per_task=5, epochs=0)
+    for task in stream.tasks[:2]:
+        assert strategy.memory is None or all(p not in task.train.prompts for p in strategy.memory.prompts)
+        strategy.learn(task)
+        strategy.after_task(task)
+    assert len(strategy.memory) == 10
+    assert set(strategy.memory.prompts) <= set(stream.tasks[0].train.prompts) | set(stream.tasks[1].train.prompts)
+
+
+# --- streams -----------------------------------------------------------------------------------
+
+def test_examples_select_concat_and_state_round_trip():
+    examples = Examples(["p1", "p2", "p3"], ["a1", "a2", "a3"], (("a1",), ("a2", "b2"), ("a3",)))
+    part = examples.select([2, 0])
+    assert part.prompts == ["p3", "p1"] and part.references == (("a3",), ("a1",))
+    assert len(part.concat(examples)) == 5
+    assert Examples.from_state(examples.state()) == examples
+    assert Examples(["p"], ["a"]).references == (("a",),)
+
+
+def test_offline_stream_has_five_formats_and_a_general_suite():
+    try:
+        stream = SCENARIOS.get("instruct_offline")(max_train_per_task=50, test_per_task=10, general_size=10).stream()
+    except UserError as error:
+        pytest.skip(str(error))
+    assert stream.kind == "instructions" and len(stream) == 5
+    assert len({t.instruction for t in stream.tasks}) == 5
+    assert {t.scorer for t in stream.tasks} == {"accuracy", "rouge_l", "exact_match", "edit_similarity"}
+    assert [g.name for g in stream.general] == ["trivia"]
+    for task in stream.tasks:
+        assert len(task.train) == 50 and len(task.test) == 10
+        assert not set(task.train.prompts) & set(task.test.prompts)
+    # the seeded split and typos are reproducible
+    again = SCENARIOS.get("instruct_offline")(max_train_per_task=50, test_per_task=10, general_size=10).stream()
+    assert again.provenance["data_hash"] == stream.provenance["data_hash"]
+    reordered = SCENARIOS.get("instruct_offline")(order=["spelling", "category", "define", "antonym", "topic"],
+                                                  max_train_per_task=50, test_per_task=10, general_size=10).stream()
+    assert reordered.provenance["task_order"][0] == "spelling"
+
+
+def test_offline_stream_rejects_a_bad_order():
+    with pytest.raises(UserError, match="scenario.order"):
+        SCENARIOS.get("instruct_offline")(order=["category", "category"])
