@@ -31,6 +31,11 @@ def test_normalisation_and_exact_match():
     assert scores.tolist() == [1.0, 1.0, 0.0, 0.0]
 
 
+def test_a_reference_that_normalises_to_nothing_is_compared_verbatim():
+    assert SCORERS["exact_match"](["The", "a", "A."], [("A",)] * 3).tolist() == [0.0, 1.0, 0.0]
+    assert SCORERS["accuracy"](["A\nbecause", "the"], [("A",)] * 2).tolist() == [1.0, 0.0]
+
+
 def test_accuracy_reads_the_first_line_only():
     scores = SCORERS["accuracy"](["animal\nbecause it barks", "\n food", "animal food"], [("animal",)] * 3)
     assert scores.tolist() == [1.0, 0.0, 0.0]

@@ -3,6 +3,7 @@ from cl_bench.models import cct, factory, lm
 from cl_bench.registry import MODELS, SCENARIOS, STRATEGIES
 from cl_bench.scenarios.chatterbot import ChatterBot
 from cl_bench.scenarios.cifar100 import CIFAR100
+from cl_bench.scenarios.cl_benchmark import LongSequence, StandardCL
 from cl_bench.scenarios.cub import CUB
 from cl_bench.scenarios.digits import Digits
 from cl_bench.scenarios.fmnist import FashionMNIST
@@ -12,7 +13,9 @@ from cl_bench.scenarios.instruct_offline import InstructOffline
 from cl_bench.scenarios.instruct_toy import InstructToy
 from cl_bench.scenarios.objectnet import ObjectNet
 from cl_bench.scenarios.omnibenchmark import OmniBenchmark
+from cl_bench.scenarios.superni import SuperNI
 from cl_bench.scenarios.toy import Toy
+from cl_bench.scenarios.trace import TRACE
 from cl_bench.scenarios.vtab import VTAB
 from cl_bench.scenarios.wordnet import WordNet
 from cl_bench.strategies.contracon import ConTraCon
@@ -36,7 +39,8 @@ for name, scenario in {"toy": Toy, "digits": Digits, "fmnist": FashionMNIST, "wo
                        "cifar100": CIFAR100, "imagenet_r": ImageNetR, "imagenet_a": ImageNetA, "cub": CUB,
                        "objectnet": ObjectNet, "omnibenchmark": OmniBenchmark, "vtab": VTAB,
                        "chatterbot": ChatterBot, "instruct_toy": InstructToy,
-                       "instruct_offline": InstructOffline}.items():
+                       "instruct_offline": InstructOffline, "trace": TRACE, "standard_cl": StandardCL,
+                       "long_sequence": LongSequence, "superni": SuperNI}.items():
     SCENARIOS.register(name, scenario)
 for model in (factory.mlp, factory.small_cnn, factory.vit_tiny_test, factory.efficientnet_lite0, factory.minilm,
               cct.cct, lm.smollm2_135m, lm.causal_lm, lm.tiny_llama):
