@@ -22,7 +22,9 @@ from cl_bench.strategies.contracon import ConTraCon
 from cl_bench.strategies.dkvb import DKVB
 from cl_bench.strategies.er import ER
 from cl_bench.strategies.finetune import Finetune
+from cl_bench.strategies.hft import HFT
 from cl_bench.strategies.joint import Joint
+from cl_bench.strategies.loramoe import LoRAMoE
 from cl_bench.strategies.mos import MOS
 from cl_bench.strategies.multitask import Multitask
 from cl_bench.strategies.replay import Replay
@@ -32,6 +34,7 @@ from cl_bench.strategies.simplecil import SimpleCIL
 
 for name, strategy in {"finetune": Finetune, "joint": Joint, "er": ER, "simplecil": SimpleCIL,
                        "contracon": ConTraCon, "mos": MOS,
+                       "hft": HFT, "loramoe": LoRAMoE,
                        "dkvb": DKVB, "seqft": SeqFT, "seqlora": SeqLoRA, "replay": Replay,
                        "multitask": Multitask}.items():
     STRATEGIES.register(name, strategy)
