@@ -18,11 +18,13 @@ from cl_bench.scenarios.toy import Toy
 from cl_bench.scenarios.trace import TRACE
 from cl_bench.scenarios.vtab import VTAB
 from cl_bench.scenarios.wordnet import WordNet
+from cl_bench.strategies.coin_ema import CoINEMA
 from cl_bench.strategies.contracon import ConTraCon
 from cl_bench.strategies.dkvb import DKVB
 from cl_bench.strategies.er import ER
 from cl_bench.strategies.finetune import Finetune
 from cl_bench.strategies.hft import HFT
+from cl_bench.strategies.iv_guided import IVGuided
 from cl_bench.strategies.joint import Joint
 from cl_bench.strategies.loramoe import LoRAMoE
 from cl_bench.strategies.mos import MOS
@@ -36,7 +38,7 @@ for name, strategy in {"finetune": Finetune, "joint": Joint, "er": ER, "simpleci
                        "contracon": ConTraCon, "mos": MOS,
                        "hft": HFT, "loramoe": LoRAMoE,
                        "dkvb": DKVB, "seqft": SeqFT, "seqlora": SeqLoRA, "replay": Replay,
-                       "multitask": Multitask}.items():
+                       "multitask": Multitask, "coin_ema": CoINEMA, "iv_guided": IVGuided}.items():
     STRATEGIES.register(name, strategy)
 for name, scenario in {"toy": Toy, "digits": Digits, "fmnist": FashionMNIST, "wordnet": WordNet,
                        "cifar100": CIFAR100, "imagenet_r": ImageNetR, "imagenet_a": ImageNetA, "cub": CUB,

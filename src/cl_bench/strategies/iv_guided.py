@@ -1,0 +1,311 @@
+"""IV/FV-guided training: Jiang et al., "Interpretable Catastrophic Forgetting of LLM Fine-tuning via
+Instruction Vector" (arXiv:2406.12227; ICLR 2025 version "Unlocking the Power of Function Vectors for
+Characterizing and Mitigating Catastrophic Forgetting in Continual Instruction Tuning"), following the
+released code (GangweiJiang/FvForgetting), where the instruction vector (IV) is the function vector (FV).
+
+Function vector of task t, from the ORIGINAL base model (before any continual training):
+    ā_{l,h} = mean over N = min(n_trials, |train|) training prompts of head h's slice (size d_head) of the
+              input of o_proj in layer l, at the last prompt token (zero-shot prompts);
+    v_t     = Σ_{(l,h)∈S} o_proj_l(pad_h(ā_{l,h}))  ∈ R^{d_model}  (pad_h: zeros except head h's slice).
+Training on task t: the LoRAs of tasks < t are merged into the base weights, so the model with adapters
+disabled is θ_{t−1}; a fresh LoRA (r=8, α=16, dropout 0.1 on q_proj, v_proj) trains with, per batch
+(p_b = last prompt token = first answer position − 1):
+    A: no grad, adapters disabled, v_t added to o_proj's output of layer ℓ_edit at p_b only -> z^ref
+    B: no grad, adapters disabled, no hook -> head outputs a^ref_{l,h} at p_b
+    main pass -> L_CE, logits z, head outputs a_{l,h} at p_b
+    L = L_CE + λ1·1[K1>0.1]·K1 + λ2·1[K2>0.1]·K2 + Σ_{(l,h)∈S} λ_pr·1[M_{l,h}>0.01]·M_{l,h}
+    K1 = KL(softmax(z_{b,p_b}/T) ‖ softmax(z^ref_{b,p_b}/T)) summed over the vocabulary, / B   (T = 2, no T²)
+    K2 = the same over all positions, padding included, / B   (``F.kl_div(..., reduction="batchmean")``)
+    M_{l,h} = mean over batch and d_head of (a_{l,h}[b,p_b] − a^ref_{l,h}[b,p_b])²
+KL direction as the released ``KD_loss``: ``kl_div(log_softmax(z_ref/T), softmax(z/T))`` = KL(new ‖ ref),
+the gradient flowing through the new model's distribution.
+
+Choices and deviations, all deliberate:
+* Original weights: merges change only the LoRA target linears (q_proj, v_proj by default), so the
+  strategy keeps a copy of just those weights as non-persistent buffers (2·L·d² values for q, v) and
+  extracts each task's vector with them substituted (``torch.func.functional_call``) and adapters off,
+  instead of a second full model. The copy is rebuilt from the model factory on resume.
+* Head set S (``heads``, "layer:head,..."): empty means the authors' published universal list when the
+  model's source names Llama-2-7b, Llama-3.1-8B or Mistral-7B, else the ``top_heads`` (default 10) heads
+  whose mean output o_proj_l(pad_h(ā_{l,h})) has the largest L2 norm, computed once on the first task's
+  prompts with the original model and then kept (an AIE causal-mediation sweep is not implemented).
+  This fallback favours heads with large outputs, often in late layers (on SmolLM2-135M it picks layers
+  23-29 and |v| is in the hundreds), so the intervention is much stronger than with AIE heads: give
+  ``heads`` explicitly when a better list is known.
+* The N prompts (drawn with the context's generator) are the task's training prompts as the harness
+  renders them (the model's chat template when it has one), not the authors' "N"-prefix format.
+* ℓ_edit (``edit_layer``): the released runs use 9 of Llama-2's 32 layers; ``edit_layer=-1`` (default)
+  takes round(9·L/32) for an L-layer model.
+* ``progressive_intervention=true`` (off by default) adds γ_s·v_t at (ℓ_edit, p_b) in the main pass, γ_s
+  falling linearly from 1 to 0 over the task's steps: the v1/v3 papers' "progressive IV intervention",
+  absent from the released code; its schedule is an assumption.
+* KL terms are computed in float32; a prompt cut away entirely (answer fills max_length) uses p_b = 0.
+* Constant learning rate, plain PyTorch with gradient clipping (theirs: DeepSpeed ZeRO-2, bf16).
+"""
+from __future__ import annotations
+
+import math
+import re
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cl_bench.errors import UserError
+from cl_bench.models.lm import IGNORE_INDEX
+from cl_bench.scenarios.base import Task
+from cl_bench.strategies._language_model import LanguageModelStrategy, add_lora
+
+KL_GATE, MSE_GATE = 0.1, 0.01
+O_PROJ = re.compile(r"layers\.(\d+)\.self_attn\.o_proj$")
+# the authors' universal heads (layer, head), from their trainer, matched on the model's name
+PUBLISHED_HEADS = {
+    "llama-2-7b": [(14, 1), (11, 2), (9, 25), (12, 15), (12, 28), (13, 7), (11, 18), (12, 18), (16, 10), (14, 16)],
+    "llama-3.1-8b": [(27, 28), (13, 27), (15, 28), (17, 8), (21, 2), (10, 12), (15, 16), (15, 2), (15, 1), (31, 24)],
+    "mistral-7b": [(14, 31), (26, 29), (12, 4), (12, 7), (30, 4), (30, 9), (22, 30), (14, 19), (11, 10), (18, 1)],
+}
+
+
+def kd_loss(new_logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(new/T) ‖ softmax(ref/T)) summed over the rest, divided by the batch size (dim 0)."""
+    return F.kl_div(F.log_softmax(ref_logits.float() / temperature, dim=-1),
+                    F.softmax(new_logits.float() / temperature, dim=-1), reduction="batchmean")
+
+
+def gated(weight: float, value: torch.Tensor, gate: float) -> torch.Tensor:
+    """weight·value when value > gate, else 0 (the term is switched off once it is small)."""
+    return weight * value if weight and bool(value > gate) else value.new_zeros(())
+
+
+def parse_heads(text: str) -> list[tuple[int, int]]:
+    try:
+        heads = [tuple(int(x) for x in item.split(":")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        heads = [()]
+    if not heads or any(len(h) != 2 for h in heads):
+        raise UserError(f"strategy.heads must look like 'layer:head,layer:head', got '{text}'")
+    return heads
+
+
+class IVGuided(LanguageModelStrategy):
+    description = "IV/FV-guided training: per-task LoRA merged afterwards, FV-intervened KL + head consistency"
+
+    def __init__(self, backbone, context, *, lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.1,
+                 lora_targets: str = "q_proj,v_proj", kl_alpha1: float = 20.0, kl_alpha2: float = 0.1,
+                 pr_alpha: float = 1.0, temperature: float = 2.0, edit_layer: int = -1, heads: str = "",
+                 top_heads: int = 10, n_trials: int = 100, progressive_intervention: bool = False, **kwargs):
+        super().__init__(backbone, context, **kwargs)
+        if min(kl_alpha1, kl_alpha2, pr_alpha) < 0 or temperature <= 0 or n_trials < 1 or top_heads < 1:
+            raise UserError(f"need kl_alpha1, kl_alpha2, pr_alpha >= 0, temperature > 0, n_trials >= 1 and "
+                            f"top_heads >= 1 (got {kl_alpha1}, {kl_alpha2}, {pr_alpha}, {temperature}, "
+                            f"{n_trials}, {top_heads})")
+        self.kl_alpha1, self.kl_alpha2, self.pr_alpha = kl_alpha1, kl_alpha2, pr_alpha
+        self.temperature, self.n_trials, self.top_heads = temperature, n_trials, top_heads
+        self.progressive_intervention = progressive_intervention
+        model = backbone.model
+        found = self.find_o_projs(model)
+        self.num_layers, config = len(found), model.config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.edit_layer = round(9 * self.num_layers / 32) if edit_layer == -1 else edit_layer
+        if not 0 <= self.edit_layer < self.num_layers:
+            raise UserError(f"strategy.edit_layer must be -1 (auto) or in [0, {self.num_layers}), got {edit_layer}")
+        self.heads = parse_heads(heads) if heads.strip() else self.published_heads()
+        for layer, head in self.heads or ():
+            if not (0 <= layer < self.num_layers and 0 <= head < self.num_heads):
+                raise UserError(f"strategy.heads: ({layer}, {head}) is outside this model's "
+                                f"{self.num_layers} layers x {self.num_heads} heads")
+        targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
+        backbone.model = add_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=targets)
+        self.o_projs = self.find_o_projs(self.lm)  # a plain list: the modules stay where they are
+        self.lora_layers = [m for m in self.lm.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+        # the original weights of everything a merge changes (the LoRA targets' base weights)
+        self.original = nn.Module()
+        for index, layer in enumerate(self.lora_layers):
+            self.original.register_buffer(f"w{index}", layer.get_base_layer().weight.detach().clone(),
+                                          persistent=False)
+        base = {id(p): n for n, p in self.lm.named_parameters()}
+        self.original_names = [base[id(layer.get_base_layer().weight)] for layer in self.lora_layers]
+        self.function_vector: torch.Tensor | None = None
+        self.function_vectors: list[torch.Tensor] = []  # one per task, for inspection
+        self.last_terms: dict[str, float] = {}
+        self._step = self._steps_total = 0
+
+    @staticmethod
+    def find_o_projs(model) -> list:
+        found = {int(m.group(1)): module for name, module in model.named_modules() if (m := O_PROJ.search(name))}
+        if not found or sorted(found) != list(range(len(found))):
+            raise UserError("strategy iv_guided needs a LLaMA-style model (layers.N.self_attn.o_proj)")
+        return [found[i] for i in range(len(found))]
+
+    def published_heads(self) -> list[tuple[int, int]] | None:
+        source = str(self.backbone.preprocessing.get("source", "")).lower()
+        return next((list(h) for key, h in PUBLISHED_HEADS.items() if key in source), None)
+
+    # --- hooks ---------------------------------------------------------------------------------
+    @contextmanager
+    def captured_heads(self, layers, rows: torch.Tensor, positions: torch.Tensor):
+        """{layer: o_proj input (B, H·d_head) at (rows, positions)} for the forward passes inside."""
+        store, handles = {}, []
+        for layer in sorted(set(layers)):
+            def hook(module, args, layer=layer):
+                store[layer] = args[0][rows, positions]
+            handles.append(self.o_projs[layer].register_forward_pre_hook(hook))
+        try:
+            yield store
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def added_vector(self, vector: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, scale: float = 1.0):
+        """Adds scale·vector to the output of o_proj in layer ``edit_layer`` at (rows, positions) only."""
+        def hook(module, args, output):
+            added = (scale * vector).to(output.dtype).expand(len(rows), -1)
+            return output.index_put((rows, positions), added, accumulate=True)
+        handle = self.o_projs[self.edit_layer].register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    # --- the function vector -------------------------------------------------------------------
+    def original_weights(self) -> dict[str, torch.Tensor]:
+        """{parameter name in the LM: its value before any merge}, for the weights merges change."""
+        return {name: getattr(self.original, f"w{i}") for i, name in enumerate(self.original_names)}
+
+    def original_forward(self, **inputs):
+        """The original base model (adapters off, target weights before any merge)."""
+        with self.lm.disable_adapter():
+            return torch.func.functional_call(self.lm, self.original_weights(), args=(), kwargs=inputs)
+
+    @torch.no_grad()
+    def mean_head_activations(self, task: Task) -> torch.Tensor:
+        """ā of every (layer, head): (L, H, d_head), at the last prompt token of N training prompts."""
+        count = min(self.n_trials, len(task.train))
+        chosen = torch.randperm(len(task.train), generator=self.context.generator)[:count].sort().values
+        prompts = [task.train.prompts[i] for i in chosen.tolist()]
+        total = torch.zeros(self.num_layers, self.num_heads * self.head_dim, dtype=torch.float64, device=self.device)
+        was_training = self.training
+        self.eval()
+        for start in range(0, count, self.generation_batch_size):
+            chunk = prompts[start:start + self.generation_batch_size]
+            ids = [p[-self.backbone.max_length:] for p in self.backbone.prompt_ids(chunk)]
+            width, pad = max(len(i) for i in ids), self.backbone.tokenizer.pad_token_id
+            input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids], device=self.device)
+            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids], device=self.device)
+            rows = torch.arange(len(ids), device=self.device)
+            last = torch.tensor([len(i) - 1 for i in ids], device=self.device)
+            with self.captured_heads(range(self.num_layers), rows, last) as store, self.autocast():
+                self.original_forward(input_ids=input_ids, attention_mask=mask)
+            for layer in range(self.num_layers):
+                total[layer] += store[layer].double().sum(0)
+        self.train(was_training)
+        return (total / count).float().view(self.num_layers, self.num_heads, self.head_dim)
+
+    def head_outputs(self, means: torch.Tensor) -> torch.Tensor:
+        """o_proj_l(pad_h(ā_{l,h})) for every (l, h): (L, H, d_model), with the original o_proj weights."""
+        originals = self.original_weights()
+        names = {id(m): n for n, m in self.lm.named_modules()}
+        outputs = []
+        for layer, o_proj in enumerate(self.o_projs):
+            base = o_proj.get_base_layer() if hasattr(o_proj, "get_base_layer") else o_proj
+            weight = originals.get(names[id(base)] + ".weight", base.weight)
+            padded = weight.new_zeros(self.num_heads, self.num_heads, self.head_dim)  # row h: pad_h(ā_{l,h})
+            padded[range(self.num_heads), range(self.num_heads)] = means[layer].to(weight)
+            outputs.append(F.linear(padded.view(self.num_heads, -1), weight, base.bias))
+        return torch.stack(outputs)
+
+    def select_heads(self, means: torch.Tensor) -> list[tuple[int, int]]:
+        """The fallback head set: the top_heads heads with the largest mean output norm."""
+        norms = self.head_outputs(means).norm(dim=-1).flatten()
+        top = norms.topk(min(self.top_heads, norms.numel())).indices.tolist()
+        return [(i // self.num_heads, i % self.num_heads) for i in top]
+
+    def vector_from_means(self, means: torch.Tensor) -> torch.Tensor:
+        outputs = self.head_outputs(means)
+        return torch.stack([outputs[layer, head] for layer, head in self.heads]).sum(0)
+
+    # --- task loop -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge_and_reset(self) -> None:
+        """Merge the current LoRA into the base weights, then start a fresh one (A ~ Kaiming, B = 0)."""
+        for layer in self.lora_layers:
+            base = layer.get_base_layer()
+            base.weight += layer.get_delta_weight("default").to(base.weight.dtype)
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            fresh = torch.empty(a.shape, dtype=a.dtype)
+            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=self.context.generator)
+            a.copy_(fresh)
+            b.zero_()
+
+    def before_task(self, task: Task) -> None:
+        self.merge_and_reset()
+        means = self.mean_head_activations(task)
+        if self.heads is None:
+            self.heads = self.select_heads(means)
+        self.function_vector = self.vector_from_means(means).detach()
+        self.function_vectors.append(self.function_vector.cpu())
+
+    def learn(self, task: Task) -> None:
+        count, window = len(self.training_data(task)), 32 * self.batch_size
+        self._steps_total = self.epochs * sum(math.ceil(min(window, count - s) / self.batch_size)
+                                              for s in range(0, count, window))
+        self._step = 0
+        super().learn(task)
+
+    def after_optimizer_step(self) -> None:
+        self._step += 1
+
+    @contextmanager
+    def reference_pass(self):
+        """No gradient, adapters disabled (the model after task t-1); adapters come back on exit."""
+        with torch.no_grad(), self.lm.disable_adapter(), self.autocast():
+            yield
+
+    def loss(self, batch, task: Task) -> torch.Tensor:
+        encoded = self.encode(batch)
+        inputs = {k: encoded[k] for k in ("input_ids", "attention_mask")}
+        rows = torch.arange(len(batch), device=self.device)
+        positions = ((encoded["labels"] != IGNORE_INDEX).int().argmax(1) - 1).clamp(min=0)
+        vector, layers = self.function_vector, [layer for layer, _ in self.heads]
+        ref_logits = ref_heads = None
+        if self.kl_alpha1 or self.kl_alpha2:  # A: θ_{t-1} with v_t added at (ℓ_edit, p_b)
+            with self.reference_pass(), self.added_vector(vector, rows, positions):
+                ref_logits = self.lm(**inputs).logits
+        if self.pr_alpha:  # B: θ_{t-1}'s head outputs at p_b
+            with self.reference_pass(), self.captured_heads(layers, rows, positions) as ref_heads:
+                self.lm(**inputs)
+        progressive = (self.added_vector(vector, rows, positions, 1 - self._step / max(1, self._steps_total))
+                       if self.progressive_intervention else nullcontext())
+        with self.captured_heads(layers, rows, positions) as heads, progressive, self.autocast():
+            output = self.lm(**encoded)
+        return self.objective(output.loss, output.logits, ref_logits, heads, ref_heads, rows, positions)
+
+    def objective(self, ce, logits, ref_logits, heads, ref_heads, rows, positions) -> torch.Tensor:
+        """L_CE plus the gated KL and head-consistency terms; ``last_terms`` keeps the values."""
+        terms = {"ce": ce}
+        total = ce
+        if ref_logits is not None:
+            terms["k1"] = kd_loss(logits[rows, positions], ref_logits[rows, positions], self.temperature)
+            terms["k2"] = kd_loss(logits, ref_logits, self.temperature)
+            total = total + gated(self.kl_alpha1, terms["k1"], KL_GATE) + gated(self.kl_alpha2, terms["k2"], KL_GATE)
+        if ref_heads is not None:
+            for layer, head in self.heads:
+                part = slice(head * self.head_dim, (head + 1) * self.head_dim)
+                value = F.mse_loss(heads[layer][:, part].float(), ref_heads[layer][:, part].float())
+                terms[f"m{layer}:{head}"] = value
+                total = total + gated(self.pr_alpha, value, MSE_GATE)
+        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        return total
+
+    # --- checkpoints: merged base weights and the LoRA are tensors; the head set and vectors here
+    def get_extra_state(self):
+        return {**super().get_extra_state(), "heads": [list(h) for h in self.heads or ()],
+                "function_vectors": [v.clone() for v in self.function_vectors]}
+
+    def set_extra_state(self, state):
+        super().set_extra_state(state)
+        self.heads = [tuple(h) for h in state["heads"]] or self.heads
+        self.function_vectors = list(state["function_vectors"])
