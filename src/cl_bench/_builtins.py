@@ -19,6 +19,7 @@ from cl_bench.scenarios.trace import TRACE
 from cl_bench.scenarios.vtab import VTAB
 from cl_bench.scenarios.wordnet import WordNet
 from cl_bench.strategies.coin_ema import CoINEMA
+from cl_bench.strategies.conpet import ConPETDynamic, ConPETStatic
 from cl_bench.strategies.contracon import ConTraCon
 from cl_bench.strategies.dkvb import DKVB
 from cl_bench.strategies.er import ER
@@ -35,10 +36,10 @@ from cl_bench.strategies.seqlora import SeqLoRA
 from cl_bench.strategies.simplecil import SimpleCIL
 
 for name, strategy in {"finetune": Finetune, "joint": Joint, "er": ER, "simplecil": SimpleCIL,
-                       "contracon": ConTraCon, "mos": MOS,
-                       "hft": HFT, "loramoe": LoRAMoE,
-                       "dkvb": DKVB, "seqft": SeqFT, "seqlora": SeqLoRA, "replay": Replay,
-                       "multitask": Multitask, "coin_ema": CoINEMA, "iv_guided": IVGuided}.items():
+                       "contracon": ConTraCon, "mos": MOS, "dkvb": DKVB,
+                       "seqft": SeqFT, "seqlora": SeqLoRA, "replay": Replay, "multitask": Multitask,
+                       "hft": HFT, "loramoe": LoRAMoE, "conpet_static": ConPETStatic,
+                       "conpet_dynamic": ConPETDynamic, "coin_ema": CoINEMA, "iv_guided": IVGuided}.items():
     STRATEGIES.register(name, strategy)
 for name, scenario in {"toy": Toy, "digits": Digits, "fmnist": FashionMNIST, "wordnet": WordNet,
                        "cifar100": CIFAR100, "imagenet_r": ImageNetR, "imagenet_a": ImageNetA, "cub": CUB,
