@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from cl_bench import leaderboard
 from cl_bench.config import compose
 from cl_bench.errors import UserError
 from cl_bench.models.lm import IGNORE_INDEX, tiny_llama
@@ -101,6 +102,13 @@ def test_lm_baselines_order_on_the_toy_stream(tmp_path):
     assert final["multitask"]["acc_final_task_mean"] >= final["replay"]["acc_final_task_mean"]
     assert final["replay"]["acc_final_task_mean"] > final["seqlora"]["acc_final_task_mean"] + 20
     assert final["seqlora"]["forgetting_max_prev"] > final["replay"]["forgetting_max_prev"]
+    # the leaderboard takes multitask as the joint reference and shows the instruction-stream columns
+    board, excluded, out = leaderboard.build(tmp_path)
+    by_strategy = board.set_index("strategy")
+    assert by_strategy.loc["multitask", "intransigence_mean"] == 0
+    assert not np.isnan(by_strategy.loc["seqlora", "intransigence_mean"])
+    text = (out / "LEADERBOARD.md").read_text()
+    assert "general_retention_delta" in text and "generation_tokens_per_second" in text
 
 
 def test_summary_has_general_suites_token_rates_and_lora_keeps_the_base(tmp_path):
@@ -187,3 +195,35 @@ def test_offline_stream_has_five_formats_and_a_general_suite():
 def test_offline_stream_rejects_a_bad_order():
     with pytest.raises(UserError, match="scenario.order"):
         SCENARIOS.get("instruct_offline")(order=["category", "category"])
+
+
+# --- language models from files ----------------------------------------------------------------
+
+def test_causal_lm_loads_a_hugging_face_folder(tmp_path):
+    from cl_bench.models.lm import causal_lm
+
+    source = tiny_llama("text", (), init_seed=5)
+    source.model.save_pretrained(tmp_path / "model")
+    source.tokenizer.save_pretrained(tmp_path / "model")
+    loaded = causal_lm("text", (), path=str(tmp_path / "model"), chat_template=False, max_length=64)
+    prompts = ["abc", "hello there"]
+    assert loaded.generate(prompts, max_new_tokens=5, batch_size=2, device="cpu") == \
+        source.generate(prompts, max_new_tokens=5, batch_size=2, device="cpu")
+    with pytest.raises(UserError, match="model.path"):
+        causal_lm("text", (), path=str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="language model"):
+        causal_lm("image", (1, 8, 8), path=str(tmp_path / "model"))
+
+
+def test_smollm2_converts_its_gguf_once_and_answers():
+    """The packaged GGUF is dequantised into a cached folder; the model then answers a simple question."""
+    from cl_bench.models import lm
+
+    try:
+        lm.smollm2_gguf_file()
+    except UserError as error:
+        pytest.skip(str(error))
+    model = lm.smollm2_135m("text", ())
+    assert (lm.cache_root() / "models").is_dir() and model.use_chat_template
+    answer, _ = model.generate(["What is the capital of France?"], max_new_tokens=12, batch_size=1, device="cpu")
+    assert "paris" in answer[0].lower()
