@@ -137,14 +137,20 @@ def command_show(args, console: Console) -> int:
         raise UserError(f"{directory}/scores.csv is unreadable: {error}") from error
     out = Console()
     table = Table(title=escape(f"{summary.get('run_id')} [{summary.get('status')}]: score R[i][j] (%)"))
+    names = summary.get("provenance", {}).get("stream", {}).get("task_order") or []
+    general = summary.get("general") or {"suites": [], "scores": [[] for _ in range(sums.shape[0])]}
     table.add_column("after task")
     for j in range(sums.shape[1]):
-        table.add_column(f"task {j + 1}", justify="right")
+        table.add_column(escape(f"{j + 1} {names[j]}" if j < len(names) else f"task {j + 1}"), justify="right")
+    for suite in general["suites"]:
+        table.add_column(escape(f"general: {suite}"), justify="right")
     for i in range(sums.shape[0]):
-        if all(math.isnan(c) for c in counts[i]):
+        extra = ["" if v is None else f"{v:.2f}" for v in general["scores"][i]] if i < len(general["scores"]) else []
+        if all(math.isnan(c) for c in counts[i]) and not any(extra):
             continue
         table.add_row("before" if i == 0 else str(i),
-                      *["" if math.isnan(c) or not c else f"{100 * s / c:.2f}" for s, c in zip(sums[i], counts[i])])
+                      *["" if math.isnan(c) or not c else f"{100 * s / c:.2f}" for s, c in zip(sums[i], counts[i])],
+                      *extra)
     out.print(table)
     print_metrics(summary, out)
     return 0

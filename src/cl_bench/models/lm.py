@@ -22,6 +22,13 @@ IGNORE_INDEX = -100
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def quiet_transformers() -> None:
+    """No per-tensor progress bars from transformers while loading (they flood run logs)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("CL_BENCH_CACHE", Path.home() / ".cache" / "cl_bench"))
 
@@ -139,6 +146,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     later loads take well under a second instead of ~18 s. Written to a temporary folder, then renamed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantised.config
@@ -158,6 +166,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
 def load_hf(path: str, *, dtype: torch.dtype, name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

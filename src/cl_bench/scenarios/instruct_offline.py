@@ -91,9 +91,9 @@ class InstructOffline(InstructionScenario):
 
     description = "offline instruction stream: WordNet + ChatterBot tasks (5) and a trivia general suite"
 
-    def __init__(self, *, root: str | None = None, order: list | None = None, test_per_task: int = 40,
-                 general_size: int = 60, split_seed: int = 0, data_seed: int = 0,
-                 max_train_per_task: int | None = 200, **caps):
+    def __init__(self, *, root: str | None = None, order: list | None = None, test_per_task: int = 30,
+                 general_size: int = 40, split_seed: int = 0, data_seed: int = 0,
+                 max_train_per_task: int | None = 100, **caps):
         super().__init__(max_train_per_task=max_train_per_task, **caps)
         order = list(order) if order is not None else list(TASK_NAMES)
         if sorted(order) != sorted(set(order)) or set(order) - set(TASK_NAMES) or not order:
