@@ -20,3 +20,27 @@ def tmp_results(tmp_path):
 def fast_args(tmp_results):
     """Overrides for a quiet run whose results and feature cache stay in the test's tmp dir."""
     return ["progress=false", f"results_dir={tmp_results}", f"cache_dir={tmp_results}/cache"]
+
+
+@pytest.fixture
+def interrupt_and_resume(monkeypatch):
+    """``go(cfg, strategy_class, at_task)``: run ``cfg`` until ``strategy_class.learn`` reaches the task
+    with index ``at_task``, stop it there as Ctrl-C would, then rerun the same config (which resumes)
+    and return the resumed summary."""
+    from cl_bench.runner import run
+
+    def go(cfg, strategy_class, at_task: int) -> dict:
+        original = strategy_class.learn
+
+        def interrupt(self, task):
+            if task.index == at_task:
+                raise KeyboardInterrupt
+            return original(self, task)
+
+        monkeypatch.setattr(strategy_class, "learn", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg)
+        monkeypatch.setattr(strategy_class, "learn", original)
+        return run(cfg)
+
+    return go

@@ -225,22 +225,10 @@ def test_instruction_groups_on_the_toy_stream_keep_earlier_tasks(tmp_path):
     assert any(".group2." in k for k in state)
 
 
-def test_resume_recreates_the_groups(tmp_path, monkeypatch):
+def test_resume_recreates_the_groups(tmp_path, interrupt_and_resume):
     extra = ("strategy=coin_ema", "strategy.lora_r=4", "strategy.lora_alpha=8", "strategy.epochs=2")
     reference = run(lm_config(tmp_path / "a", *extra))
-    cfg = lm_config(tmp_path / "b", *extra)
-    original = LanguageModelStrategy.learn
-
-    def interrupt_third(self, task):
-        if task.index == 2:
-            raise KeyboardInterrupt
-        return original(self, task)
-
-    monkeypatch.setattr(LanguageModelStrategy, "learn", interrupt_third)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg)
-    monkeypatch.setattr(LanguageModelStrategy, "learn", original)
-    resumed = run(cfg)
+    resumed = interrupt_and_resume(lm_config(tmp_path / "b", *extra), LanguageModelStrategy, at_task=2)
     assert resumed["metrics"] == reference["metrics"]
     scores = [json.dumps(sorted(p.read_text().splitlines())) for p in
               (next((tmp_path / d / "runs").glob("*/scores.csv")) for d in ("a", "b"))]

@@ -226,7 +226,7 @@ def test_static_end_to_end(tmp_path):
     assert scores(cfg)[(1, 1)] > 70
 
 
-def test_dynamic_end_to_end_resumes_to_identical_scores(tmp_path, monkeypatch):
+def test_dynamic_end_to_end_resumes_to_identical_scores(tmp_path, interrupt_and_resume):
     reference_cfg = config(tmp_path / "a", "conpet_dynamic")
     reference = run(reference_cfg)
     assert reference["status"] == "finished"
@@ -236,18 +236,7 @@ def test_dynamic_end_to_end_resumes_to_identical_scores(tmp_path, monkeypatch):
     assert matrix[(1, 1)] > 70 and matrix[(3, 1)] == matrix[(1, 1)]  # routed to a frozen expert: no forgetting
 
     cfg = config(tmp_path / "b", "conpet_dynamic")
-    original = ConPETDynamic.learn
-
-    def interrupt_the_third_task(self, task):
-        if task.index == 2:
-            raise KeyboardInterrupt
-        return original(self, task)
-
-    monkeypatch.setattr(ConPETDynamic, "learn", interrupt_the_third_task)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg)
-    monkeypatch.setattr(ConPETDynamic, "learn", original)
-    resumed = run(cfg)
+    resumed = interrupt_and_resume(cfg, ConPETDynamic, at_task=2)
     assert resumed["metrics"] == reference["metrics"]
     assert (Run(cfg).directory / "scores.csv").read_text() == (Run(reference_cfg).directory / "scores.csv").read_text()
     assert json.loads((Run(cfg).directory / "summary.json").read_text())["status"] == "finished"

@@ -168,22 +168,10 @@ def test_mask_round_trips_through_the_state_dict():
     assert b.mask_report == a.mask_report
 
 
-def test_hft_end_to_end_and_resume(tmp_path, monkeypatch):
+def test_hft_end_to_end_and_resume(tmp_path, interrupt_and_resume):
     reference = run(lm_config(tmp_path / "a"))
     assert reference["status"] == "finished"
     assert [p["trainable_params"] for p in reference["per_task"]] == [292_416 - TINY_FROZEN] * 3
     assert reference["metrics"]["plasticity"] > 70
-    cfg = lm_config(tmp_path / "b")
-    original = LanguageModelStrategy.learn
-
-    def interrupt_second(self, task):
-        if task.index == 1:
-            raise KeyboardInterrupt
-        return original(self, task)
-
-    monkeypatch.setattr(LanguageModelStrategy, "learn", interrupt_second)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg)
-    monkeypatch.setattr(LanguageModelStrategy, "learn", original)
-    resumed = run(cfg)
+    resumed = interrupt_and_resume(lm_config(tmp_path / "b"), LanguageModelStrategy, at_task=1)
     assert resumed["metrics"] == reference["metrics"] and resumed["general"] == reference["general"]

@@ -127,21 +127,9 @@ def test_summary_has_general_suites_token_rates_and_lora_keeps_the_base(tmp_path
     assert any("lora_" in k for k in state) and not any("embed_tokens" in k for k in state)
 
 
-def test_lm_run_resumes_to_identical_scores(tmp_path, monkeypatch):
+def test_lm_run_resumes_to_identical_scores(tmp_path, interrupt_and_resume):
     reference = run(lm_config(tmp_path / "a", "strategy=replay"))
-    cfg = lm_config(tmp_path / "b", "strategy=replay")
-    original = LanguageModelStrategy.learn
-
-    def interrupt_second(self, task):
-        if task.index == 1:
-            raise KeyboardInterrupt
-        return original(self, task)
-
-    monkeypatch.setattr(LanguageModelStrategy, "learn", interrupt_second)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg)
-    monkeypatch.setattr(LanguageModelStrategy, "learn", original)
-    resumed = run(cfg)
+    resumed = interrupt_and_resume(lm_config(tmp_path / "b", "strategy=replay"), LanguageModelStrategy, at_task=1)
     assert resumed["metrics"] == reference["metrics"]
     assert resumed["general"] == reference["general"]
     a = (tmp_path / "a" / "runs").glob("*/scores.csv")
