@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import os
 import random
 import shutil
@@ -59,6 +58,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from cl_bench.avalanche_interop import check_same_data, to_avalanche  # noqa: E402
 
 TARGET_RATIO = 1.10
 
@@ -158,61 +159,6 @@ def run_clbench(cfg, stream) -> tuple[Meter, dict]:
 
 # --------------------------------------------------------------------------------------------- Avalanche
 
-class _TensorData(torch.utils.data.TensorDataset):
-    """(image, label) tensors with the ``targets`` field Avalanche's generators read."""
-
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
-        super().__init__(inputs, targets)
-        self.targets = targets.tolist()
-
-
-def avalanche_benchmark(stream):
-    """``nc_benchmark`` over the concatenated per-task tensors of ``stream`` (already relabelled by
-    class order), in class order 0..C-1, so experience k holds the classes of cl-bench's task k."""
-    from avalanche.benchmarks import nc_benchmark
-
-    def dataset(split):
-        parts = [getattr(task, split) for task in stream.tasks]
-        return _TensorData(torch.cat([p.inputs for p in parts]), torch.cat([p.targets for p in parts]))
-
-    sizes = [len(task.classes) for task in stream.tasks]  # B{init}-Inc{increment}: only the first may differ
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return nc_benchmark(dataset("train"), dataset("test"), n_experiences=len(stream.tasks), task_labels=False,
-                            shuffle=False, fixed_class_order=list(range(stream.num_classes)),
-                            per_exp_classes=None if len(set(sizes)) == 1 else {0: sizes[0]})
-
-
-def _sample_keys(inputs: torch.Tensor, targets) -> list[bytes]:
-    flat = inputs.reshape(len(inputs), -1).contiguous().numpy()
-    labels = np.asarray(targets, dtype=np.int64)
-    return sorted(hashlib.sha1(row.tobytes() + int(y).to_bytes(8, "little")).digest() for row, y in zip(flat, labels))
-
-
-def check_same_data(stream, benchmark) -> str:
-    """Assert that Avalanche's experience k holds the same (image, label) multiset as cl-bench's task k."""
-    lines = []
-    for split, avalanche_stream in (("train", benchmark.train_stream), ("test", benchmark.test_stream)):
-        experiences = list(avalanche_stream)
-        if len(experiences) != len(stream.tasks):
-            raise AssertionError(f"{split}: Avalanche has {len(experiences)} experiences, "
-                                 f"cl-bench {len(stream.tasks)} tasks")
-        for task, experience in zip(stream.tasks, experiences):
-            ours = getattr(task, split)
-            items = [experience.dataset[i] for i in range(len(experience.dataset))]
-            theirs_x = torch.stack([item[0] for item in items])
-            theirs_y = [int(item[1]) for item in items]
-            if sorted(experience.classes_in_this_experience) != list(task.classes):
-                raise AssertionError(f"{split} {task.name}: classes {sorted(experience.classes_in_this_experience)} "
-                                     f"vs {list(task.classes)}")
-            same = theirs_x.dtype == ours.inputs.dtype and \
-                _sample_keys(theirs_x, theirs_y) == _sample_keys(ours.inputs, ours.targets)
-            if not same:
-                raise AssertionError(f"{split} {task.name}: Avalanche's samples differ from cl-bench's")
-        lines.append(f"{split} " + "/".join(str(len(getattr(t, split))) for t in stream.tasks))
-    return "; ".join(lines)
-
-
 class _AvalancheNet(torch.nn.Module):
     """cl-bench's backbone (its ``prepare`` does the preprocessing, as in cl-bench) + Avalanche's growing head."""
 
@@ -310,7 +256,7 @@ def main(argv=None) -> int:
         stream = build_stream(cfg)
         load_seconds = time.perf_counter() - began
         began = time.perf_counter()
-        benchmark = avalanche_benchmark(stream)
+        benchmark = to_avalanche(stream)
         benchmark_seconds = time.perf_counter() - began
         checked = check_same_data(stream, benchmark)
         print(f"Split-Fashion-MNIST, {len(stream)} tasks, class order {stream.provenance['class_order']}; "
@@ -326,7 +272,7 @@ def main(argv=None) -> int:
 
         if not args.no_warmup:
             small = tiny_stream(stream)
-            small_benchmark = avalanche_benchmark(small)
+            small_benchmark = to_avalanche(small)
             run_clbench(cfg, small)
             run_avalanche(cfg, small, small_benchmark, args)
 

@@ -10,7 +10,7 @@ _EXPORTS = {
     "register_model": "cl_bench.registry",
     "Samples": "cl_bench.scenarios.base", "Stream": "cl_bench.scenarios.base", "Task": "cl_bench.scenarios.base",
     "Strategy": "cl_bench.strategies.base", "ClassifierStrategy": "cl_bench.strategies.base",
-    "Context": "cl_bench.strategies.base",
+    "Context": "cl_bench.strategies.base", "to_avalanche": "cl_bench.avalanche_interop",
 }
 __all__ = sorted(_EXPORTS)
 
