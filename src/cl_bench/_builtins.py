@@ -41,6 +41,20 @@ for name, strategy in {"finetune": Finetune, "joint": Joint, "er": ER, "simpleci
                        "hft": HFT, "loramoe": LoRAMoE, "conpet_static": ConPETStatic,
                        "conpet_dynamic": ConPETDynamic, "coin_ema": CoINEMA, "iv_guided": IVGuided}.items():
     STRATEGIES.register(name, strategy)
+
+
+def avalanche_strategy(name: str):
+    """``avalanche.<Name>``: an Avalanche strategy through the generic adapter (imports avalanche only then)."""
+    if not name.startswith("avalanche."):
+        return None
+    from cl_bench.strategies.avalanche import strategy_class
+    return strategy_class(name.split(".", 1)[1])
+
+
+STRATEGIES.fallback = avalanche_strategy
+STRATEGIES.fallback_help["avalanche.<name>"] = (
+    "an avalanche-lib strategy run by the generic adapter: naive, cumulative, replay, gdumb, ewc, si, mas, lwf, "
+    "gem, agem, icarl, der, er_ace, er_aml, lamaml, mer, mir, lfl, fromscratchtraining, l2p (ViT backbones)")
 for name, scenario in {"toy": Toy, "digits": Digits, "fmnist": FashionMNIST, "wordnet": WordNet,
                        "cifar100": CIFAR100, "imagenet_r": ImageNetR, "imagenet_a": ImageNetA, "cub": CUB,
                        "objectnet": ObjectNet, "omnibenchmark": OmniBenchmark, "vtab": VTAB,

@@ -2,7 +2,7 @@
 
 ``to_avalanche(stream)`` builds an ``nc_benchmark`` whose experience k holds exactly the train and
 test samples of cl-bench's task k, with the same relabelled classes (cl-bench relabels by class order,
-so Avalanche keeps the fixed order 0..C-1 and does not shuffle). ``check_same_data`` verifies that.
+so Avalanche keeps the order of the tasks' classes and does not shuffle). ``check_same_data`` verifies that.
 """
 from __future__ import annotations
 
@@ -16,39 +16,41 @@ from cl_bench.errors import UserError
 
 
 class LabelledData(torch.utils.data.Dataset):
-    """(input, label) pairs with the ``targets`` list Avalanche's generators read; inputs may be
-    tensors or strings."""
+    """(input, label) pairs over one or more ``Samples`` without copying them, with the ``targets``
+    list Avalanche's generators read; inputs may be tensors or strings."""
 
-    def __init__(self, inputs, targets: torch.Tensor):
-        self.inputs, self.targets = inputs, targets.tolist()
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.targets = [int(y) for part in self.parts for y in part.targets.tolist()]
+        self.starts = np.cumsum([0] + [len(part) for part in self.parts])
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index):
-        return self.inputs[index], self.targets[index]
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.parts[part].inputs[index - int(self.starts[part])], self.targets[index]
 
 
 def to_avalanche(stream):
     """An Avalanche ``nc_benchmark`` with the stream's class order, split and task sizes."""
-    from avalanche.benchmarks import nc_benchmark
-
     if stream.kind != "classes":
         raise UserError(f"to_avalanche needs a class-incremental stream; '{stream.name}' is a {stream.kind} stream")
+    return benchmark_of(stream.tasks)
 
-    def dataset(split):
-        parts = [getattr(task, split) for task in stream.tasks]
-        targets = torch.cat([p.targets for p in parts])
-        if isinstance(parts[0].inputs, torch.Tensor):
-            return LabelledData(torch.cat([p.inputs for p in parts]), targets)
-        return LabelledData([x for p in parts for x in p.inputs], targets)
 
-    sizes = [len(task.classes) for task in stream.tasks]  # B{init}-Inc{increment}: only the first may differ
+def benchmark_of(tasks):
+    """The ``nc_benchmark`` whose experience k holds the train and test samples of ``tasks[k]``
+    (also used by the Avalanche strategy adapter on the tasks seen so far)."""
+    from avalanche.benchmarks import nc_benchmark
+
+    sizes = [len(task.classes) for task in tasks]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return nc_benchmark(dataset("train"), dataset("test"), n_experiences=len(stream.tasks), task_labels=False,
-                            shuffle=False, fixed_class_order=list(range(stream.num_classes)),
-                            per_exp_classes=None if len(set(sizes)) == 1 else {0: sizes[0]})
+        return nc_benchmark(LabelledData([t.train for t in tasks]), LabelledData([t.test for t in tasks]),
+                            n_experiences=len(tasks), task_labels=False, shuffle=False,
+                            fixed_class_order=[c for task in tasks for c in task.classes],
+                            per_exp_classes=None if len(set(sizes)) == 1 else dict(enumerate(sizes)))
 
 
 def _sample_keys(inputs, targets) -> list[bytes]:

@@ -114,6 +114,8 @@ def command_list(args, console: Console) -> int:
             except UserError as error:
                 text = f"unavailable: {error}"
             table.add_row(escape(name if type_name == name else f"{name} ({type_name})"), escape(text))
+        for pattern, text in registry.fallback_help.items():
+            table.add_row(escape(pattern), escape(text))
         out.print(table)
     return 0
 

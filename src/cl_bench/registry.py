@@ -23,6 +23,7 @@ class Registry:
         self._lazy: dict[str, object] = {}  # name -> EntryPoint not yet imported
         self._scanned = False
         self.fallback = None  # name -> object or None, tried for names nobody registered
+        self.fallback_help: dict[str, str] = {}  # pattern -> description, shown by `cl-bench list`
 
     def register(self, name: str, obj, origin: str | None = None):
         origin = origin or f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', obj)}"

@@ -62,6 +62,7 @@ def build_strategy(cfg: DictConfig, stream: Stream, context: Context, progress) 
     if stream.kind not in strategy_class.stream_kinds:
         raise UserError(f"strategy '{cfg.strategy.name}' handles {' or '.join(strategy_class.stream_kinds)} "
                         f"streams, but scenario '{cfg.scenario.name}' is a {stream.kind} stream")
+    context.num_classes = stream.num_classes if stream.kind == "classes" else None
     backbone = create_backbone(cfg.model, stream.input_kind, stream.input_shape)
     info = {"backbone_params": sum(p.numel() for p in backbone.parameters()), "feature_seconds": 0.0}
     if backbone.frozen:
@@ -170,7 +171,8 @@ def run(cfg: DictConfig, *, console=None) -> dict:
     with progress_bar:
         stream = build_stream(cfg)  # missing data or a bad setting fails here, before anything is written
         strategy, stream, info = build_strategy(cfg, stream, context, progress_bar.track)
-        initial = tensor_digests(strategy)  # checkpoints store only the tensors that differ from these
+        # checkpoints store only the tensors that differ from these
+        initial = tensor_digests(strategy) if strategy.resumable else {}
         if not cfg.resume:
             record.fresh_directory()
         record.directory.mkdir(parents=True, exist_ok=True)
@@ -189,7 +191,9 @@ def run(cfg: DictConfig, *, console=None) -> dict:
             "provenance": {**provenance(), "device": str(device), "stream": stream.provenance},
         }
         start_task, trainable_names = 0, set()
-        if cfg.resume and previous and record.checkpoint_path.exists():
+        if cfg.resume and previous and not strategy.resumable:
+            say(f"[yellow]{record.id}: cannot resume ({strategy.not_resumable}); restarting from task 1[/yellow]")
+        elif cfg.resume and previous and record.checkpoint_path.exists():
             start_task, trainable_names = resume(record, strategy, context, previous, summary,
                                                  (sums, counts, general_sums, general_counts))
             say(f"[dim]{record.id}: resuming after task {start_task} of {T}[/dim]")
@@ -241,8 +245,9 @@ def run(cfg: DictConfig, *, console=None) -> dict:
                 })
                 summary["tasks_completed"] = t + 1
                 flush("running")  # summary before checkpoint: a crash in between only repeats a task
-                save_checkpoint(record, strategy, context, (sums, counts, general_sums, general_counts), t + 1,
-                                trainable_names, initial)
+                if strategy.resumable:
+                    save_checkpoint(record, strategy, context, (sums, counts, general_sums, general_counts), t + 1,
+                                    trainable_names, initial)
                 say(f"{record.id}: task {t + 1}/{T} done, accuracy on seen tasks "
                     f"{summary['per_task'][-1]['score']:.2f} ({trained:.1f}s train)")
         except NonFiniteLoss as error:

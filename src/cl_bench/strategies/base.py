@@ -38,6 +38,9 @@ class Context:
     # maps raw samples from outside the stream (e.g. key-initialisation data) into the inputs this
     # strategy receives: the cached features when the backbone is frozen, else unchanged
     featurize: Callable[[Samples], Samples] = lambda samples: samples
+    # classes of the whole stream (scenario metadata, no data): for methods that size their output
+    # layer once, as Avalanche's DER and L2P do; None outside the runner
+    num_classes: int | None = None
 
 
 class Strategy(nn.Module):
@@ -47,6 +50,10 @@ class Strategy(nn.Module):
     stream_kinds: tuple[str, ...] = ("classes",)
     # arguments for the registry-wide smoke test: a tiny scenario and backbone this strategy runs on
     smoke_args: tuple[str, ...] = ("scenario=toy",)
+    # False: the state cannot round-trip through a checkpoint, so the runner restarts an interrupted
+    # run from task 1 instead of resuming it, saying why (``not_resumable``)
+    resumable = True
+    not_resumable = ""
 
     def __init__(self, backbone: Backbone, context: Context):
         super().__init__()
