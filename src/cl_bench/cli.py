@@ -32,7 +32,8 @@ def make_parser() -> Parser:
     run.add_argument("overrides", nargs="*", help="key=value, e.g. strategy=er scenario=fmnist strategy.lr=0.05")
     bench = commands.add_parser("bench", help="run every line of a suite file for every seed")
     bench.add_argument("suite", help="suite YAML (e.g. benchmarks/default.yaml)")
-    bench.add_argument("overrides", nargs="*", help="key=value applied to every run (e.g. results_dir=DIR)")
+    bench.add_argument("overrides", nargs="*", help="key=value applied to every run (e.g. results_dir=DIR), or "
+                       "the bench's own executor=local|ray, jobs=N, ray.address=HOST:PORT, ray.cpus=C, ray.gpus=G")
     listing = commands.add_parser("list", help="list strategies, scenarios or models")
     listing.add_argument("group", nargs="?", choices=list(GROUP_NAMES), help="which registry (default: all)")
     show = commands.add_parser("show", help="print a run's score matrix and metrics")
@@ -74,26 +75,23 @@ def load_suite(path: str) -> tuple[list[list[str]], list[int]]:
 
 
 def command_bench(args, console: Console) -> int:
-    from cl_bench import leaderboard
-    from cl_bench.config import compose
-    from cl_bench.runner import RunFailed, run
+    from cl_bench import leaderboard, sweep
 
     lines, seeds = load_suite(args.suite)
-    configs = [compose(line + [f"seed={seed}"] + args.overrides) for line in lines for seed in seeds]
-    failures = []
-    for number, cfg in enumerate(configs, 1):
-        console.print(f"[bold]({number}/{len(configs)})[/bold] {cfg.strategy.name} on {cfg.scenario.name} "
-                      f"/ {cfg.model.name}, seed {cfg.seed}")
-        try:
-            run(cfg, console=console)
-        except (RunFailed, UserError) as error:
-            failures.append(str(error))
-            console.print(f"[red]failed:[/red] {escape(str(error))}")
-    board, excluded, out = leaderboard.build(configs[0].results_dir)
+    options, overrides = sweep.split_overrides(args.overrides)
+    jobs = sweep.expand(lines, seeds, overrides)  # every line is validated before anything runs
+    console.print(f"[bold]{len(jobs)} runs[/bold] ({len(lines)} lines x {len(seeds)} seeds) on executor="
+                  f"{options.executor}" + (f", jobs={options.jobs}" if options.executor == "local" else ""))
+    tally = sweep.run_suite(jobs, options, console)
+    board, excluded, out = leaderboard.build(jobs[0].results_dir)
     print_leaderboard(out / "LEADERBOARD.md")
-    if failures:
-        console.print(f"[red]{len(failures)} of {len(configs)} runs failed[/red]")
-    return 1 if failures else 0
+    for label, kind, message in tally.failed:
+        console.print(f"[red]failed{' (internal error)' if kind == 'internal' else ''}:[/red] {escape(label)}: "
+                      f"{escape(message)}", highlight=False, soft_wrap=True)
+    if tally.failed:
+        console.print(f"[red]{len(tally.failed)} of {len(jobs)} runs failed[/red]")
+        return 1 if any(kind == "internal" for _, kind, _ in tally.failed) else 2
+    return 0
 
 
 def command_list(args, console: Console) -> int:

@@ -24,6 +24,7 @@ from cl_bench import metrics, scorers
 from cl_bench._io import atomic_write_text, atomic_torch_save, provenance, read_summary
 from cl_bench.config import config_hash, run_id
 from cl_bench.errors import UserError
+from cl_bench.locking import run_lock
 from cl_bench.models.backbone import FeatureCache, VectorBackbone
 from cl_bench.models.factory import create_backbone
 from cl_bench.registry import SCENARIOS, STRATEGIES
@@ -153,8 +154,14 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
 
 
-def run(cfg: DictConfig, *, console=None) -> dict:
-    """Train and score one configuration; returns its summary (also written to summary.json)."""
+def run(cfg: DictConfig, *, console=None, wait_for_lock: bool = False) -> dict:
+    """Train and score one configuration; returns its summary (also written to summary.json). Holds the
+    run's lock throughout: when another process has it, RunBusy (or, with ``wait_for_lock``, wait)."""
+    with run_lock(cfg.results_dir, run_id(cfg), wait=wait_for_lock):
+        return _run_locked(cfg, console=console)
+
+
+def _run_locked(cfg: DictConfig, *, console=None) -> dict:
     from cl_bench.progress import Progress
 
     say = console.print if console is not None else (lambda *a, **k: None)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cl_bench._io import atomic_torch_save
+
 
 def weights_fingerprint(module: nn.Module) -> str:
     digest = hashlib.sha256()
@@ -124,8 +126,5 @@ class FeatureCache:
             inputs = samples.inputs[start:start + self.batch_size]
             chunks.append(backbone(backbone.prepare(inputs, self.device)).float().cpu())
         features = torch.cat(chunks) if chunks else torch.empty(0, backbone.out_dim)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".tmp{id(features)}")
-        torch.save(features, temporary)
-        temporary.replace(path)
+        atomic_torch_save(path, features)  # parallel runs may write the same entry: each renames a whole file
         return features
