@@ -119,12 +119,13 @@ def execute(argv: list[str], wait_for_lock: bool = False, gather: bool = False, 
     began = time.time()
     outcome = {"status": "failed", "message": "", "seconds": 0.0, "files": {}, "run_id": ""}
     try:
-        summary = run(compose(argv), console=console, wait_for_lock=wait_for_lock)
+        cfg = compose(argv)
+        summary = run(cfg, console=console, wait_for_lock=wait_for_lock)
         finished_at = summary.get("provenance", {}).get("finished_at", began)
         outcome.update(status="skipped" if finished_at < began else "finished", run_id=summary["run_id"],
                        message=f"acc_final_task_mean {summary['metrics'].get('acc_final_task_mean') or 0:.2f}")
         if gather:
-            directory = Path(compose(argv).results_dir) / "runs" / summary["run_id"]
+            directory = Path(cfg.results_dir) / "runs" / summary["run_id"]
             outcome["files"] = {name: (directory / name).read_bytes() for name in RUN_FILES}
     except RunBusy as error:
         outcome.update(status="busy", message=str(error))
