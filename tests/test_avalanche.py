@@ -65,7 +65,7 @@ def test_every_strategy_runs_through_the_runner(tmp_path, name):
     assert summary["status"] == "finished" and summary["tasks_completed"] == 3
     assert summary["per_task"][0]["score"] > 70  # the first task is learnt (two well-separated clusters)
     assert summary["cost"]["samples_per_second"] > 0
-    assert not (tmp_path / "runs" / summary["run_id"] / "checkpoint.pt").exists()  # not resumable
+    assert not (tmp_path / "runs" / summary["run_id"] / "checkpoints").exists()  # not resumable
 
 
 def test_hyperparameters_are_config_keys_with_avalanche_defaults(tmp_path):

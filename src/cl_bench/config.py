@@ -37,12 +37,13 @@ BASE = {
     "device": "auto",
     "results_dir": "results",
     "resume": True,
+    "keep_checkpoints": 1,  # checkpoints kept per run (newest first); more survive a damaged newest one
     "progress": True,
     "plugins": [],
     "cache_dir": str(Path.home() / ".cache" / "cl_bench"),
 }
 # Keys that say where or how a run executes, not what it computes: left out of the config hashes.
-NOT_HASHED = ("results_dir", "resume", "progress", "plugins", "cache_dir", "device")
+NOT_HASHED = ("results_dir", "resume", "progress", "plugins", "cache_dir", "device", "keep_checkpoints")
 CHOICES = {"eval_mode": ("cil", "til"), "device": None}
 
 
@@ -205,6 +206,8 @@ def compose(argv: list[str] | tuple[str, ...] = ()) -> DictConfig:
             continue
         config[key] = check_value(key, config[key], inspect.Parameter(
             key, inspect.Parameter.KEYWORD_ONLY, default=default))
+    if config["keep_checkpoints"] < 1:
+        raise UserError(f"keep_checkpoints must be at least 1, got {config['keep_checkpoints']}")
     if config["eval_mode"] not in CHOICES["eval_mode"]:
         raise UserError(f"eval_mode must be one of {', '.join(CHOICES['eval_mode'])}, got {config['eval_mode']!r}")
     for group in GROUPS:

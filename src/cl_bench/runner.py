@@ -2,9 +2,11 @@
 
 Results of a run live in ``<results_dir>/runs/<run_id>/``: ``config.yaml``, ``scores.csv`` (sum and
 count per (after_task, eval_task)), ``summary.json`` (metrics, costs, provenance, status) and
-``checkpoint.pt`` (strategy state and random generators after the last completed task). All are
-rewritten atomically after every task, so a crash leaves a valid partial run that the same
-command resumes; a finished run is skipped.
+``checkpoints/task-NNN.pt`` (strategy state, the run's generator and every global RNG state after task
+NNN; the newest ``keep_checkpoints`` are kept). All are written atomically (temporary file + rename)
+after every task, so a crash at any point (``kill -9`` included) leaves a valid partial run that the
+same command resumes, with the same final score matrix on CPU as an uninterrupted run; a finished run
+is skipped. Ctrl-C marks the run ``interrupted`` and keeps the last task's checkpoint.
 """
 from __future__ import annotations
 
@@ -116,8 +118,22 @@ class Run:
         self.cfg = cfg
         self.id = run_id(cfg)
         self.directory = Path(cfg.results_dir) / "runs" / self.id
-        self.summary_path = self.directory / "summary.json"
-        self.checkpoint_path = self.directory / "checkpoint.pt"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.directory / "summary.json"
+
+    def checkpoint_file(self, completed: int) -> Path:
+        return self.directory / "checkpoints" / f"task-{completed:03d}.pt"
+
+    def checkpoints(self) -> list[Path]:
+        """Kept checkpoints, newest (most tasks completed) first."""
+        return sorted((self.directory / "checkpoints").glob("task-*.pt"), reverse=True)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """The newest checkpoint (a path that does not exist when there is none)."""
+        return next(iter(self.checkpoints()), self.checkpoint_file(0))
 
     def previous(self) -> dict | None:
         if not self.summary_path.exists():
@@ -133,8 +149,6 @@ class Run:
         while self.directory.exists():
             self.directory = self.directory.with_name(f"{self.id}-r{n}")
             n += 1
-        self.summary_path = self.directory / "summary.json"
-        self.checkpoint_path = self.directory / "checkpoint.pt"
 
     def write_scores(self, sums: np.ndarray, counts: np.ndarray) -> str:
         """Write scores.csv; returns its sha256, which the summary records."""
@@ -200,9 +214,9 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
         start_task, trainable_names = 0, set()
         if cfg.resume and previous and not strategy.resumable:
             say(f"[yellow]{record.id}: cannot resume ({strategy.not_resumable}); restarting from task 1[/yellow]")
-        elif cfg.resume and previous and record.checkpoint_path.exists():
+        elif cfg.resume and previous and record.checkpoints():
             start_task, trainable_names = resume(record, strategy, context, previous, summary,
-                                                 (sums, counts, general_sums, general_counts))
+                                                 (sums, counts, general_sums, general_counts), say)
             say(f"[dim]{record.id}: resuming after task {start_task} of {T}[/dim]")
 
         def flush(status: str, message: str = "") -> None:
@@ -254,7 +268,7 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
                 flush("running")  # summary before checkpoint: a crash in between only repeats a task
                 if strategy.resumable:
                     save_checkpoint(record, strategy, context, (sums, counts, general_sums, general_counts), t + 1,
-                                    trainable_names, initial)
+                                    trainable_names, initial, keep=cfg.keep_checkpoints)
                 say(f"{record.id}: task {t + 1}/{T} done, accuracy on seen tasks "
                     f"{summary['per_task'][-1]['score']:.2f} ({trained:.1f}s train)")
         except NonFiniteLoss as error:
@@ -345,35 +359,72 @@ def changed_state(module: torch.nn.Module, initial: dict[str, str]) -> dict:
             if not isinstance(value, torch.Tensor) or current[name] != initial.get(name)}
 
 
-def save_checkpoint(record: Run, strategy, context, matrices, completed: int, trainable_names, initial) -> None:
+def rng_states() -> dict:
+    """Every global random generator's state, in types ``torch.load(weights_only=True)`` accepts."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached))}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(states["torch"])
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(record: Run, strategy, context, matrices, completed: int, trainable_names, initial,
+                    keep: int = 1) -> None:
+    """Checkpoint after ``completed`` tasks, then prune all but the newest ``keep``. Optimizers need no
+    entry: every strategy builds a fresh one at the start of each task (``learn``), so none lives across
+    a task boundary (tests/test_crash_safety.py checks that resuming reproduces the matrix bit for bit)."""
     sums, counts, general_sums, general_counts = matrices
     changed = changed_state(strategy, initial)
-    atomic_torch_save(record.checkpoint_path, {
+    atomic_torch_save(record.checkpoint_file(completed), {
         "tasks_completed": completed, "strategy": changed, "unchanged": sorted(set(initial) - set(changed)),
-        "generator": context.generator.get_state(), "torch_rng": torch.get_rng_state(),
+        "generator": context.generator.get_state(), "rng": rng_states(),
         "sums": torch.from_numpy(sums), "counts": torch.from_numpy(counts),
         "general_sums": torch.from_numpy(general_sums), "general_counts": torch.from_numpy(general_counts),
         "trainable_names": sorted(trainable_names),
     })
+    for old in record.checkpoints()[keep:]:
+        old.unlink(missing_ok=True)
 
 
-def resume(record: Run, strategy, context, previous: dict, summary: dict, matrices) -> tuple[int, set[str]]:
+def load_newest_checkpoint(record: Run, say) -> dict:
+    """The newest kept checkpoint that reads back; a damaged one (a crash mid-write on a disk without
+    atomic rename, a truncated copy) is passed over for the next older one, saying so."""
+    last = "no checkpoint"
+    for path in record.checkpoints():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            reason = type(error).__name__
+            say(f"[yellow]{record.id}: checkpoint {path.name} is unreadable ({reason}); trying an older one[/yellow]")
+            last = f"checkpoint {path} is unreadable ({reason})"
+    raise UserError(f"{last}; no older checkpoint is kept (keep_checkpoints=N keeps more); "
+                    f"rerun with resume=false to start fresh")
+
+
+def resume(record: Run, strategy, context, previous: dict, summary: dict, matrices, say) -> tuple[int, set[str]]:
     """Restore the state after the last completed task; returns how many tasks are done and the
     names of the parameters trained so far."""
-    try:
-        state = torch.load(record.checkpoint_path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"checkpoint {record.checkpoint_path} is unreadable ({type(error).__name__}); "
-                        f"rerun with resume=false to start fresh") from error
+    state = load_newest_checkpoint(record, say)
     completed = int(state["tasks_completed"])
     missing, unexpected = strategy.load_state_dict(state["strategy"], strict=False)
     if unexpected or set(missing) - set(state["unchanged"]):
-        raise UserError(f"checkpoint {record.checkpoint_path} does not fit this strategy "
+        raise UserError(f"checkpoint {record.checkpoint_file(completed)} does not fit this strategy "
                         f"({len(unexpected)} unexpected, {len(set(missing) - set(state['unchanged']))} missing "
                         f"tensors); rerun with resume=false to start fresh")
     strategy.to(context.device)
     context.generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
+    set_rng_states(state["rng"])
     for target, key in zip(matrices, ("sums", "counts", "general_sums", "general_counts")):
         target[:] = state[key].numpy()
     summary["per_task"] = previous.get("per_task", [])[:completed]

@@ -1,0 +1,140 @@
+"""Crash safety: ``kill -9`` at random points and Ctrl-C, then the same command, give the uninterrupted
+run's score matrix bit for bit; kept checkpoints are pruned and a damaged newest one is passed over."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import cl_bench
+from cl_bench import compose, run
+from cl_bench.registry import STRATEGIES
+from cl_bench.runner import Run
+
+SRC = str(Path(cl_bench.__file__).resolve().parents[1])
+# er draws from its buffer with the run's generator and torch's global RNG, across tasks: a resume that
+# lost any random state would change the matrix
+ARGS = ["strategy=er", "scenario=digits", "scenario.increment=1", "model=mlp", "strategy.epochs=40",
+        "strategy.buffer_size=100",
+        "progress=false", "device=cpu"]
+
+
+def start(results: Path, *extra) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cl_bench.cli", "run", *ARGS, f"results_dir={results}", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": SRC, "COLUMNS": "200"})
+
+
+def wait_for_task(process: subprocess.Popen, task: int) -> bool:
+    """Read the run's output until it reports ``task`` done; False when it ended first."""
+    for line in process.stdout:
+        if f"task {task}/10 done" in line:
+            return True
+    return False
+
+
+def run_dir(results: Path) -> Path:
+    (directory,) = (results / "runs").iterdir()
+    return directory
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> bytes:
+    results = tmp_path_factory.mktemp("reference")
+    process = start(results)
+    assert process.wait(timeout=300) == 0, process.stdout.read()
+    return (run_dir(results) / "scores.csv").read_bytes()
+
+
+def test_kill_9_at_random_points_then_rerun_gives_the_same_matrix(tmp_path, reference):
+    chance = random.Random(7)
+    results, kills = tmp_path / "r", []
+    for _ in range(10):
+        process = start(results)
+        done = 0
+        if (results / "runs").exists():
+            done = json.loads((run_dir(results) / "summary.json").read_text())["tasks_completed"]
+        if done >= 9:
+            process.kill()
+            break
+        target = done + 1  # then a random moment: during its writes, or inside the next task
+        alive = wait_for_task(process, target)
+        time.sleep(chance.uniform(0.0, 0.15))
+        if alive and process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills.append(target)
+        process.wait(timeout=60)
+        process.stdout.close()
+    assert len(kills) >= 5, kills  # most kills landed while the run was going
+    summary = json.loads((run_dir(results) / "summary.json").read_text())
+    assert summary["status"] in ("running", "failed")  # killed: no chance to say anything else
+    final = start(results)
+    output = final.communicate(timeout=300)[0]
+    assert final.returncode == 0, output
+    assert "resuming after task" in output
+    assert (run_dir(results) / "scores.csv").read_bytes() == reference
+
+
+def test_ctrl_c_marks_interrupted_and_resume_false_keeps_the_old_run(tmp_path, reference):
+    results = tmp_path / "r"
+    process = start(results)
+    assert wait_for_task(process, 2)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 130, output
+    directory = run_dir(results)
+    summary = json.loads((directory / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["tasks_completed"] >= 2
+    assert [p.name for p in (directory / "checkpoints").iterdir()] == [f"task-{summary['tasks_completed']:03d}.pt"]
+    resumed = start(results)
+    assert resumed.wait(timeout=300) == 0
+    assert (directory / "scores.csv").read_bytes() == reference
+    files = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+    fresh = start(results, "resume=false")
+    assert fresh.wait(timeout=300) == 0
+    assert {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()} == files  # old run untouched
+    assert (directory.with_name(directory.name + "-r2") / "scores.csv").read_bytes() == reference
+
+
+def test_keep_checkpoints_prunes_and_a_damaged_newest_falls_back(tmp_path, capsys):
+    common = ["strategy=er", "scenario=digits", "model=mlp", "strategy.epochs=2", "progress=false", "device=cpu"]  # 5 tasks
+    reference = run(compose([*common, f"results_dir={tmp_path / 'a'}"]))
+    cfg = compose([*common, f"results_dir={tmp_path / 'b'}", "keep_checkpoints=2"])
+    record = Run(cfg)
+    assert run(cfg)["scores_sha256"] == reference["scores_sha256"]
+    assert [p.name for p in record.checkpoints()] == ["task-005.pt", "task-004.pt"]
+
+    cfg = compose([*common, f"results_dir={tmp_path / 'c'}", "keep_checkpoints=2"])
+    record = Run(cfg)
+    original = STRATEGIES.get("er").learn
+
+    def stop_at_task_5(self, task):
+        if task.index == 4:
+            newest = record.checkpoints()[0]
+            newest.write_bytes(newest.read_bytes()[:100])  # as a crash on a non-atomic disk would leave it
+            raise KeyboardInterrupt
+        return original(self, task)
+
+    STRATEGIES.get("er").learn = stop_at_task_5
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg)
+    finally:
+        STRATEGIES.get("er").learn = original
+    from rich.console import Console
+
+    resumed = run(cfg, console=Console(stderr=True))
+    assert "checkpoint task-004.pt is unreadable" in capsys.readouterr().err
+    assert resumed["scores_sha256"] == reference["scores_sha256"]
+
+
+def test_keep_checkpoints_must_be_positive():
+    from cl_bench.errors import UserError
+
+    with pytest.raises(UserError, match="keep_checkpoints must be at least 1"):
+        compose(["keep_checkpoints=0"])
