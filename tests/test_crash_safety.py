@@ -101,7 +101,7 @@ def test_ctrl_c_marks_interrupted_and_resume_false_keeps_the_old_run(tmp_path, r
     assert (directory.with_name(directory.name + "-r2") / "scores.csv").read_bytes() == reference
 
 
-def test_keep_checkpoints_prunes_and_a_damaged_newest_falls_back(tmp_path, capsys):
+def test_keep_checkpoints_prunes_and_a_damaged_newest_falls_back(tmp_path, capsys, monkeypatch):
     common = ["strategy=er", "scenario=digits", "model=mlp", "strategy.epochs=2", "progress=false", "device=cpu"]  # 5 tasks
     reference = run(compose([*common, f"results_dir={tmp_path / 'a'}"]))
     cfg = compose([*common, f"results_dir={tmp_path / 'b'}", "keep_checkpoints=2"])
@@ -120,12 +120,10 @@ def test_keep_checkpoints_prunes_and_a_damaged_newest_falls_back(tmp_path, capsy
             raise KeyboardInterrupt
         return original(self, task)
 
-    STRATEGIES.get("er").learn = stop_at_task_5
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(STRATEGIES.get("er"), "learn", stop_at_task_5)
         with pytest.raises(KeyboardInterrupt):
             run(cfg)
-    finally:
-        STRATEGIES.get("er").learn = original
     from rich.console import Console
 
     resumed = run(cfg, console=Console(stderr=True))

@@ -1,6 +1,8 @@
 """cl-bench command line: run | bench | list | show | leaderboard.
 
-Bad input ends with one line on stderr and exit code 2; ``--debug`` shows the traceback instead.
+Bad input, or a run stopped by its own settings (a diverging loss), ends with one line on stderr and exit
+code 2; an internal error (a bug) with one line and exit 1; Ctrl-C with 130. ``--debug`` shows the
+traceback instead.
 """
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import math
 import sys
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -54,18 +55,21 @@ def command_run(args, console: Console) -> int:
 
 
 def load_suite(path: str) -> tuple[list[list[str]], list[int]]:
+    from cl_bench.config import safe_yaml
+
     file = Path(path)
     if not file.is_file():
         raise UserError(f"suite file {path} does not exist")
     try:
-        suite = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as error:
-        raise UserError(f"suite {path} is not valid YAML: {str(error).splitlines()[0]}") from error
+        text = file.read_text()
+    except UnicodeDecodeError:
+        raise UserError(f"suite {path} is refused: it is not UTF-8 text") from None
+    suite = safe_yaml(text, f"suite {path}")
     if not isinstance(suite, dict) or not isinstance(suite.get("runs"), list) or not suite["runs"]:
         raise UserError(f"suite {path} needs a non-empty 'runs' list of argument lines")
     seeds = suite.get("seeds", [0])
-    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise UserError(f"suite {path}: 'seeds' must be a list of integers")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise UserError(f"suite {path}: 'seeds' must be a non-empty list of integers")
     lines = []
     for line in suite["runs"]:
         if not isinstance(line, str):
@@ -89,7 +93,8 @@ def command_bench(args, console: Console) -> int:
         console.print(f"[red]failed{' (internal error)' if kind == 'internal' else ''}:[/red] {escape(label)}: "
                       f"{escape(message)}", highlight=False, soft_wrap=True)
     if tally.failed:
-        console.print(f"[red]{len(tally.failed)} of {len(jobs)} runs failed[/red]")
+        console.print(f"[red]error:[/red] {len(tally.failed)} of {len(jobs)} runs failed (listed above)",
+                      highlight=False)
         return 1 if any(kind == "internal" for _, kind, _ in tally.failed) else 2
     return 0
 
@@ -127,14 +132,18 @@ def find_run(run: str, results_dir: str) -> Path:
 
 def command_show(args, console: Console) -> int:
     from cl_bench._io import read_summary
-    from cl_bench.leaderboard import read_scores
+    from cl_bench.leaderboard import read_scores, validate_summary
 
     directory = find_run(args.run, args.results_dir)
     summary = read_summary(directory / "summary.json")
     try:
-        sums, counts = read_scores(directory / "scores.csv", int(summary["tasks_total"]))
+        validate_summary(summary)
+    except ValueError as error:
+        raise UserError(f"{directory} is corrupt: {error}") from None
+    try:
+        sums, counts = read_scores(directory / "scores.csv", summary["tasks_total"])
     except Exception as error:
-        raise UserError(f"{directory}/scores.csv is unreadable: {error}") from error
+        raise UserError(f"{directory}/scores.csv is unreadable: {' '.join(str(error).split())[:200]}") from None
     out = Console()
     table = Table(title=escape(f"{summary.get('run_id')} [{summary.get('status')}]: score R[i][j] (%)"))
     names = summary.get("provenance", {}).get("stream", {}).get("task_order") or []
@@ -208,9 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         from cl_bench.runner import RunFailed
-        prefix = "error" if isinstance(error, RunFailed) else f"internal error ({type(error).__name__})"
-        console.print(f"[red]{prefix}:[/red] {escape(str(error))} (rerun with --debug for details)",
-                      highlight=False, soft_wrap=True)
+        if isinstance(error, RunFailed):  # the run's settings made it stop (e.g. a diverging loss)
+            console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+            return 2
+        console.print(f"[red]internal error ({type(error).__name__}):[/red] {escape(str(error))} "
+                      f"(rerun with --debug for details)", highlight=False, soft_wrap=True)
         return 1
 
 

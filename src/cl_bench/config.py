@@ -47,6 +47,21 @@ NOT_HASHED = ("results_dir", "resume", "progress", "plugins", "cache_dir", "devi
 CHOICES = {"eval_mode": ("cil", "til"), "device": None}
 
 
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """One line on why YAML was refused; Python tags get a plain statement that they are never run."""
+    if isinstance(error, yaml.constructor.ConstructorError) and "python/" in str(error):
+        return "it uses a Python tag (!!python/...), and YAML here is data, never code"
+    return f"it is not valid YAML: {str(error).splitlines()[0]}"
+
+
+def safe_yaml(text: str, where: str):
+    """``yaml.safe_load`` (plain data only) with a one-line UserError naming ``where``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UserError(f"{where} is refused: {yaml_problem(error)}") from None
+
+
 def preset_dirs(folder: str) -> list[Path]:
     """The source checkout's top-level config group first, then the copy packaged in the wheel."""
     package = Path(__file__).resolve().parent
@@ -72,10 +87,7 @@ def load_preset(group: str, name: str) -> dict:
     for directory in preset_dirs(GROUPS[group][0]):
         path = directory / f"{name}.yaml"
         if path.is_file():
-            try:
-                data = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as error:
-                raise UserError(f"preset {path} is not valid YAML: {str(error).splitlines()[0]}") from error
+            data = safe_yaml(path.read_text(), f"preset {path}") or {}
             if not isinstance(data, dict):
                 raise UserError(f"preset {path} must be a mapping of keys to values")
             return data
@@ -88,6 +100,8 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, object]]:
         key, sep, text = item.partition("=")
         if not sep or not key or key.startswith(("-", ".")) or key.endswith("."):
             raise UserError(f"expected key=value, got '{item}'")
+        if "!!python" in text:
+            raise UserError(f"{key}= is refused: it uses a Python tag (!!python/...), and values are data, never code")
         try:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:

@@ -19,9 +19,6 @@ from cl_bench import metrics
 from cl_bench._io import atomic_write_text, read_summary
 from cl_bench.errors import UserError
 
-REQUIRED = ("schema", "run_id", "status", "strategy", "strategy_type", "scenario", "model", "seed",
-            "eval_mode", "config_hash", "group_hash", "setting_hash", "tasks_total", "tasks_completed",
-            "metrics", "cost", "scores_sha256")
 GROUP_COLUMNS = ["scenario", "model", "strategy", "eval_mode", "group_hash"]
 COST_COLUMNS = ["train_seconds", "eval_seconds", "trainable_params", "params_added_per_task",
                 "peak_memory_mb", "samples_per_second", "train_tokens_per_second", "generation_tokens_per_second"]
@@ -43,14 +40,52 @@ class Collected:
     excluded: list[tuple[str, str]]  # (run directory name, reason)
 
 
+NUMBER = (int, float)
+# summary.json: the fields the leaderboard, `show` and reports read, with their JSON types
+SCHEMA = {"schema": int, "run_id": str, "status": str, "strategy": str, "strategy_type": str, "scenario": str,
+          "model": str, "seed": int, "eval_mode": str, "config_hash": str, "group_hash": str, "setting_hash": str,
+          "tasks_total": int, "tasks_completed": int, "metrics": dict, "cost": dict, "scores_sha256": str,
+          "per_task": list, "provenance": dict}
+STATUSES = ("running", "finished", "failed", "interrupted")
+MAX_TASKS = 100_000
+
+
+def validate_summary(summary: dict) -> None:
+    """ValueError naming the first field of summary.json that is missing or of the wrong type."""
+    for key, kind in SCHEMA.items():
+        if key not in summary:
+            raise ValueError(f"summary.json lacks {key}")
+        value = summary[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"summary.json: {key} should be {'an object' if kind is dict else kind.__name__}, "
+                             f"got {type(value).__name__}")
+    if summary["status"] not in STATUSES:
+        raise ValueError(f"summary.json: unknown status {summary['status'][:40]!r}")
+    if not 1 <= summary["tasks_total"] <= MAX_TASKS or not 0 <= summary["tasks_completed"] <= summary["tasks_total"]:
+        raise ValueError("summary.json: tasks_total/tasks_completed out of range")
+    for section in ("metrics", "cost"):
+        for name, value in summary[section].items():
+            if not (value is None or isinstance(value, (*NUMBER, str, list)) and not isinstance(value, bool)):
+                raise ValueError(f"summary.json: {section}.{name} is a {type(value).__name__}")
+            if section == "metrics" and not (value is None or isinstance(value, NUMBER)):
+                raise ValueError(f"summary.json: metrics.{name} should be a number")
+    if not all(isinstance(p, dict) for p in summary["per_task"]):
+        raise ValueError("summary.json: per_task should hold objects")
+
+
 def read_scores(path: Path, tasks: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sum and count matrices of scores.csv; ValueError when a row does not fit a ``tasks``-task run."""
     table = pd.read_csv(path)
     if list(table.columns) != ["after_task", "eval_task", "sum", "count", "score"]:
         raise ValueError("unexpected columns")
     sums, counts = np.full((tasks + 1, tasks), np.nan), np.full((tasks + 1, tasks), np.nan)
     for row in table.itertuples(index=False):
-        sums[int(row.after_task), int(row.eval_task) - 1] = row.sum
-        counts[int(row.after_task), int(row.eval_task) - 1] = row.count
+        after, task, total, count = row.after_task, row.eval_task, float(row.sum), float(row.count)
+        if not (float(after).is_integer() and float(task).is_integer() and 0 <= after <= tasks and 1 <= task <= tasks):
+            raise ValueError(f"row after_task={after}, eval_task={task} outside a {tasks}-task run")
+        if not (np.isfinite(total) and np.isfinite(count) and count >= 0 and 0 <= total <= count):
+            raise ValueError(f"row after_task={after}, eval_task={task}: sum {total} / count {count} impossible")
+        sums[int(after), int(task) - 1], counts[int(after), int(task) - 1] = total, count
     return sums, counts
 
 
@@ -60,9 +95,10 @@ def check_run(directory: Path) -> dict:
         summary = read_summary(directory / "summary.json")
     except UserError as error:
         raise ValueError(f"corrupt: {error}") from None
-    missing = [key for key in REQUIRED if key not in summary]
-    if missing:
-        raise ValueError(f"corrupt: summary.json lacks {', '.join(missing)}")
+    try:
+        validate_summary(summary)
+    except ValueError as error:
+        raise ValueError(f"corrupt: {error}") from None
     if summary["status"] != "finished":
         message = f": {summary.get('message')}" if summary.get("message") else ""
         raise ValueError(f"{summary['status']} after {summary['tasks_completed']}/{summary['tasks_total']} tasks"
@@ -74,7 +110,7 @@ def check_run(directory: Path) -> dict:
         raise ValueError("corrupt: scores.csv does not match the checksum in summary.json")
     try:
         summary["_sums"], summary["_counts"] = read_scores(scores, int(summary["tasks_total"]))
-    except (ValueError, IndexError, pd.errors.ParserError) as error:
+    except (ValueError, TypeError, IndexError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise ValueError(f"corrupt: scores.csv unreadable ({error})") from None
     return summary
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
 import random
 import time
 from contextlib import nullcontext
@@ -138,10 +139,14 @@ class Run:
     def previous(self) -> dict | None:
         if not self.summary_path.exists():
             return None
+        from cl_bench.leaderboard import validate_summary
+
         try:
-            return read_summary(self.summary_path)
-        except UserError:
-            return None  # unreadable: start again and overwrite
+            summary = read_summary(self.summary_path)
+            validate_summary(summary)
+            return summary
+        except (UserError, ValueError):
+            return None  # unreadable or malformed: start again and overwrite
 
     def fresh_directory(self) -> None:
         """resume=false: keep the old run and start in the next free '<id>-rN' directory."""
@@ -405,7 +410,9 @@ def load_newest_checkpoint(record: Run, say) -> dict:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            reason = type(error).__name__
+            reason = ("refused: it holds Python objects, not only tensors and plain data (loaded with "
+                      "weights_only=True, never unpickled)" if isinstance(error, pickle.UnpicklingError)
+                      else type(error).__name__)
             say(f"[yellow]{record.id}: checkpoint {path.name} is unreadable ({reason}); trying an older one[/yellow]")
             last = f"checkpoint {path} is unreadable ({reason})"
     raise UserError(f"{last}; no older checkpoint is kept (keep_checkpoints=N keeps more); "
