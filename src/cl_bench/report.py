@@ -117,7 +117,7 @@ def curves_figure(groups: list[Group], title: str) -> tuple[Figure, dict]:
         axes.plot(steps, band["mean"], marker=look["marker"], linestyle=look["linestyle"], color=look["color"],
                   label=f"{group.label} ({len(group.runs)} seeds)")
         plotted[group.label] = {"steps": steps, **band}
-    axes.set(xlabel="after training task", ylabel="accuracy on seen tasks (%)", ylim=(0, 100), title=title)
+    axes.set(xlabel="after training task", ylabel="accuracy on seen tasks (%)", ylim=(-2, 102), title=title)
     axes.xaxis.get_major_locator().set_params(integer=True)
     axes.legend(fontsize="small", title="line: mean, band: min..max over seeds", title_fontsize="small")
     return figure, plotted
@@ -295,7 +295,8 @@ def board_table(section: Section, columns: list[str]) -> str:
         params = row["trainable_params_mean"]
         cells.append(number_cell(params, None, "" if pd.isna(params) else f"{params:.0f}"))
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<table class="board"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+    return (f'<div class="wide"><table class="board"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody>'
+            f'</table></div>')
 
 
 def run_details(run: dict, runs_dir: Path, heatmap: Figure) -> str:
@@ -350,7 +351,7 @@ th, td { border: 1px solid #bbb; padding: 0.25em 0.5em; }
 td[data-value] { text-align: right; font-variant-numeric: tabular-nums; }
 table.board th { cursor: pointer; background: #f0f0f0; }
 th[data-order="asc"]::after { content: " \\25B2"; } th[data-order="desc"]::after { content: " \\25BC"; }
-img { max-width: 100%; } .figures { display: flex; flex-wrap: wrap; gap: 0.5em; }
+img { max-width: 100%; } .wide { overflow-x: auto; } .figures { display: flex; flex-wrap: wrap; gap: 0.5em; }
 details { margin: 0.3em 0; } pre { background: #f6f6f6; padding: 0.5em; overflow-x: auto; }
 """
 
