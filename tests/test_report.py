@@ -148,6 +148,18 @@ def test_curves_plot_the_seed_spread_and_forgetting_bars_their_metric(results):
     assert points["joint"] == (row["trainable_params_mean"], row["acc_final_task_mean_mean"])
 
 
+def test_figures_tell_strategies_apart_without_colour_and_show_dollars_verbatim(results):
+    looks = [report.style(i, 4) for i in range(4)]
+    for key in ("marker", "linestyle", "hatch"):
+        assert len({look[key] for look in looks}) == 4, key
+    sections, _, _ = report.load(results)
+    hostile = next(s for s in sections if s.scenario != "toy")
+    figure, _ = report.curves_figure(hostile.groups, hostile.scenario)
+    report.png(figure, 50)  # mathtext would reject the unknown command in the name
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert legend == [report.literal(f"{HOSTILE} (1 seed)")]
+
+
 def test_png_writes_every_figure(results, tmp_path, capsys):
     assert main(["report", str(results), "--out", str(tmp_path), "--png"]) == 0
     printed = capsys.readouterr().out.split()
@@ -306,6 +318,8 @@ PAGE_CHECK = """(async () => {
 def check_in_chromium(page_path: Path, screenshot: Path) -> dict:
     binary = chromium_binary()
     if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed on this CI machine: `make test` installs it as root")
         pytest.skip("chromium is not installed (`make browser` installs Debian's chromium as root)")
     browser = Chromium(binary, page_path.parent / "chromium-profile")
     try:

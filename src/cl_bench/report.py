@@ -31,8 +31,7 @@ from cl_bench._io import _atomic, atomic_write_text
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
 LINE_STYLES = ["-", "--", ":", "-."]
 HATCHES = ["//", "..", "xx", "\\\\", "oo", "--", "++", "**"]
-PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}  # names like "$x$" stay literal
-HTML_DPI, PNG_DPI = 90, 200
+HTML_DPI, PNG_DPI = 85, 200
 
 
 @dataclass
@@ -55,6 +54,11 @@ def style(index: int, count: int) -> dict:
     shade = matplotlib.colormaps["viridis"](0.85 * index / max(count - 1, 1))
     return {"marker": MARKERS[index % len(MARKERS)], "linestyle": LINE_STYLES[index % len(LINE_STYLES)],
             "hatch": HATCHES[index % len(HATCHES)], "color": shade}
+
+
+def literal(text) -> str:
+    """Text from results as matplotlib shows it verbatim: a "$" would otherwise start mathtext."""
+    return str(text).replace("$", r"\$")
 
 
 def slug(text: str) -> str:
@@ -115,9 +119,10 @@ def curves_figure(groups: list[Group], title: str) -> tuple[Figure, dict]:
         look = style(index, len(groups))
         axes.fill_between(steps, band["low"], band["high"], color=look["color"], alpha=0.2, linewidth=0)
         axes.plot(steps, band["mean"], marker=look["marker"], linestyle=look["linestyle"], color=look["color"],
-                  label=f"{group.label} ({len(group.runs)} seeds)")
+                  label=literal(f"{group.label} ({len(group.runs)} seed{'s' if len(group.runs) > 1 else ''})"))
         plotted[group.label] = {"steps": steps, **band}
-    axes.set(xlabel="after training task", ylabel="accuracy on seen tasks (%)", ylim=(-2, 102), title=title)
+    axes.set(xlabel="after training task", ylabel="accuracy on seen tasks (%)", ylim=(-2, 102),
+             title=literal(title))
     axes.xaxis.get_major_locator().set_params(integer=True)
     axes.legend(fontsize="small", title="line: mean, band: min..max over seeds", title_fontsize="small")
     return figure, plotted
@@ -136,10 +141,10 @@ def forgetting_figure(groups: list[Group], title: str) -> tuple[Figure, dict]:
         look = style(index, len(groups))
         light = [0.45 + 0.55 * channel for channel in look["color"][:3]]  # black hatches stay visible
         axes.bar(tasks - 0.4 + width * (index + 0.5), band["mean"], width, yerr=band["std"], capsize=2,
-                 color=light, hatch=look["hatch"], edgecolor="black", linewidth=0.5, label=group.label)
+                 color=light, hatch=look["hatch"], edgecolor="black", linewidth=0.5, label=literal(group.label))
         plotted[group.label] = {"tasks": tasks, **band}
     axes.axhline(0, color="black", linewidth=0.8)
-    axes.set(xlabel="task", ylabel="forgetting (points)", title=title)
+    axes.set(xlabel="task", ylabel="forgetting (points)", title=literal(title))
     axes.xaxis.get_major_locator().set_params(integer=True)
     if plotted:
         axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1),
@@ -158,13 +163,14 @@ def scatter_figure(groups: list[Group], cost: str, label: str, title: str) -> tu
         std = group.row.get("acc_final_task_mean_std")
         look = style(index, len(groups))
         axes.errorbar([x], [y], yerr=[0 if pd.isna(std) else std], marker=look["marker"], color=look["color"],
-                      markeredgecolor="black", markersize=8, linestyle="none", capsize=3, label=group.label)
-        axes.annotate(group.label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize="small")
+                      markeredgecolor="black", markersize=8, linestyle="none", capsize=3,
+                      label=literal(group.label))
+        axes.annotate(literal(group.label), (x, y), textcoords="offset points", xytext=(6, 4), fontsize="small")
         plotted[group.label] = (float(x), float(y))
     xs = [x for x, _ in plotted.values()]
     if xs and min(xs) > 0 and max(xs) / min(xs) > 30:
         axes.set_xscale("log")
-    axes.set(xlabel=label, ylabel="acc_final_task_mean (%)", title=title)
+    axes.set(xlabel=label, ylabel="acc_final_task_mean (%)", title=literal(title))
     return figure, plotted
 
 
@@ -185,21 +191,15 @@ def heatmap_figure(sums: np.ndarray, counts: np.ndarray, title: str) -> tuple[Fi
     axes.set_xticks(range(tasks), [str(j + 1) for j in range(tasks)])
     axes.set_yticks(range(len(shown)), ["before" if first + i == 0 else str(first + i) for i in range(len(shown))])
     axes.set(xlabel="scored on task j", ylabel="after training task i")
-    axes.set_title("\n".join(textwrap.wrap(title, 48)), fontsize="small")
+    axes.set_title(literal("\n".join(textwrap.wrap(title, 48))), fontsize="small")
     figure.colorbar(image, ax=axes, label="R[i][j] (%)")
     return figure, scores
 
 
 def png(figure: Figure, dpi: int) -> bytes:
     buffer = io.BytesIO()
-    with matplotlib.rc_context(PLAIN_TEXT):
-        figure.savefig(buffer, format="png", dpi=dpi)
+    figure.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
-
-
-def draw(make, *args) -> tuple[Figure, object]:
-    with matplotlib.rc_context(PLAIN_TEXT):
-        return make(*args)
 
 
 # --- results ---------------------------------------------------------------------------------------
@@ -235,16 +235,16 @@ def load(results_dir) -> tuple[list[Section], pd.DataFrame, list[tuple[str, str]
 def section_figures(section: Section) -> dict[str, tuple[Figure, object]]:
     """The figures of one (scenario, model), keyed by the name their PNG file ends with."""
     where = f"{section.scenario} on {section.model}"
-    return {"curves": draw(curves_figure, section.groups, f"{where}: accuracy after each task"),
-            "forgetting": draw(forgetting_figure, section.groups, f"{where}: forgetting per task"),
-            "acc-vs-params": draw(scatter_figure, section.groups, "trainable_params", "trainable parameters",
+    return {"curves": curves_figure(section.groups, f"{where}: accuracy after each task"),
+            "forgetting": forgetting_figure(section.groups, f"{where}: forgetting per task"),
+            "acc-vs-params": scatter_figure(section.groups, "trainable_params", "trainable parameters",
                                   f"{where}: accuracy vs trainable parameters"),
-            "acc-vs-train-time": draw(scatter_figure, section.groups, "train_seconds", "training time (s)",
+            "acc-vs-train-time": scatter_figure(section.groups, "train_seconds", "training time (s)",
                                       f"{where}: accuracy vs training time")}
 
 
 def run_heatmap(run: dict) -> Figure:
-    return draw(heatmap_figure, run["_sums"], run["_counts"], f"score matrix R[i][j] of {run['run_id']}")[0]
+    return heatmap_figure(run["_sums"], run["_counts"], f"score matrix R[i][j] of {run['run_id']}")[0]
 
 
 def plot_run(directory: Path, summary: dict, sums: np.ndarray, counts: np.ndarray) -> list[Path]:
@@ -253,8 +253,8 @@ def plot_run(directory: Path, summary: dict, sums: np.ndarray, counts: np.ndarra
     group = [Group(str(summary.get("strategy")), {}, [run])]
     name = summary.get("run_id")
     figures = {"heatmap": run_heatmap(run),
-               "accuracy_curve": draw(curves_figure, group, f"{name}: accuracy after each task")[0],
-               "forgetting": draw(forgetting_figure, group, f"{name}: forgetting per task")[0]}
+               "accuracy_curve": curves_figure(group, f"{name}: accuracy after each task")[0],
+               "forgetting": forgetting_figure(group, f"{name}: forgetting per task")[0]}
     written = []
     for stem, figure in figures.items():
         path = directory / "figures" / f"{stem}.png"
