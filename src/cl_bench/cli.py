@@ -1,4 +1,4 @@
-"""cl-bench command line: run | bench | list | show | leaderboard.
+"""cl-bench command line: run | bench | list | show | leaderboard | report.
 
 Bad input, or a run stopped by its own settings (a diverging loss), ends with one line on stderr and exit
 code 2; an internal error (a bug) with one line and exit 1; Ctrl-C with 130. ``--debug`` shows the
@@ -40,8 +40,13 @@ def make_parser() -> Parser:
     show = commands.add_parser("show", help="print a run's score matrix and metrics")
     show.add_argument("run", help="run directory or run id")
     show.add_argument("--results-dir", default="results")
+    show.add_argument("--plot", action="store_true", help="write the run's figures to <run>/figures/*.png")
     board = commands.add_parser("leaderboard", help="aggregate runs over seeds into CSV and Markdown")
     board.add_argument("results_dir", nargs="?", default="results")
+    report = commands.add_parser("report", help="write a static HTML report (index.html) of a results directory")
+    report.add_argument("results_dir", nargs="?", default="results")
+    report.add_argument("--out", help="output folder (default: RESULTS_DIR/report)")
+    report.add_argument("--png", action="store_true", help="also write every figure as a PNG file into --out")
     return parser
 
 
@@ -162,6 +167,10 @@ def command_show(args, console: Console) -> int:
                       *extra)
     out.print(table)
     print_metrics(summary, out)
+    if args.plot:
+        from cl_bench.report import plot_run
+        for path in plot_run(directory, summary, sums, counts):
+            print(path)
     return 0
 
 
@@ -187,8 +196,16 @@ def command_leaderboard(args, console: Console) -> int:
     return 0
 
 
+def command_report(args, console: Console) -> int:
+    from cl_bench.report import write
+
+    for path in write(args.results_dir, args.out, with_png=args.png):  # the page first, then any PNG
+        print(path)
+    return 0
+
+
 COMMANDS = {"run": command_run, "bench": command_bench, "list": command_list, "show": command_show,
-            "leaderboard": command_leaderboard}
+            "leaderboard": command_leaderboard, "report": command_report}
 
 
 def main(argv: list[str] | None = None) -> int:
