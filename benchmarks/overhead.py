@@ -6,7 +6,7 @@ What is measured
 
     * cl-bench: ``cl_bench.runner.run(compose([...]))`` end to end: config and provenance, model and
       strategy construction, training, scoring the seen tasks after each task, and writing
-      ``config.yaml``, ``scores.csv``, ``summary.json`` and ``checkpoint.pt`` after every task.
+      ``config.yaml``, ``scores.csv``, ``summary.json`` and ``checkpoints/task-NNN.pt`` after every task.
     * Avalanche: ``avalanche.training.Naive`` in its own loop: model, optimizer and strategy
       construction, ``strategy.train(experience)`` and ``strategy.eval(test_stream[:k + 1])`` after each
       experience (the seen test experiences, as cl-bench does), with an ``EvaluationPlugin`` that

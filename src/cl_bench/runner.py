@@ -16,7 +16,6 @@ import math
 import pickle
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -369,7 +368,7 @@ def rng_states() -> dict:
     name, keys, position, has_gauss, cached = np.random.get_state()
     states = {"python": random.getstate(), "torch": torch.get_rng_state(),
               "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached))}
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():  # only a run that uses CUDA has CUDA state (and must not start CUDA here)
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
@@ -380,8 +379,9 @@ def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     name, keys, position, has_gauss, cached = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if "cuda" in states and torch.cuda.is_available():  # the devices present, even if fewer than when saved
+        for device, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)
 
 
 def save_checkpoint(record: Run, strategy, context, matrices, completed: int, trainable_names, initial,
