@@ -136,13 +136,11 @@ def find_run(run: str, results_dir: str) -> Path:
 
 
 def command_show(args, console: Console) -> int:
-    from cl_bench._io import read_summary
-    from cl_bench.leaderboard import read_scores, validate_summary
+    from cl_bench.leaderboard import read_checked_summary, read_scores
 
     directory = find_run(args.run, args.results_dir)
-    summary = read_summary(directory / "summary.json")
     try:
-        validate_summary(summary)
+        summary = read_checked_summary(directory / "summary.json")
     except ValueError as error:
         raise UserError(f"{directory} is corrupt: {error}") from None
     try:

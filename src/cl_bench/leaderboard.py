@@ -73,6 +73,16 @@ def validate_summary(summary: dict) -> None:
         raise ValueError("summary.json: per_task should hold objects")
 
 
+def read_checked_summary(path: Path) -> dict:
+    """summary.json, read and checked against SCHEMA; ValueError saying why it cannot be used."""
+    try:
+        summary = read_summary(path)
+    except UserError as error:
+        raise ValueError(str(error)) from None
+    validate_summary(summary)
+    return summary
+
+
 def read_scores(path: Path, tasks: int) -> tuple[np.ndarray, np.ndarray]:
     """The sum and count matrices of scores.csv; ValueError when a row does not fit a ``tasks``-task run."""
     table = pd.read_csv(path)
@@ -92,11 +102,7 @@ def read_scores(path: Path, tasks: int) -> tuple[np.ndarray, np.ndarray]:
 def check_run(directory: Path) -> dict:
     """The run's summary with its matrices, or ValueError with the reason it is not usable."""
     try:
-        summary = read_summary(directory / "summary.json")
-    except UserError as error:
-        raise ValueError(f"corrupt: {error}") from None
-    try:
-        validate_summary(summary)
+        summary = read_checked_summary(directory / "summary.json")
     except ValueError as error:
         raise ValueError(f"corrupt: {error}") from None
     if summary["status"] != "finished":

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cl_bench import metrics, scorers
-from cl_bench._io import atomic_write_text, atomic_torch_save, provenance, read_summary
+from cl_bench._io import atomic_write_text, atomic_torch_save, provenance
 from cl_bench.config import config_hash, run_id
 from cl_bench.errors import UserError
 from cl_bench.locking import run_lock
@@ -138,13 +138,11 @@ class Run:
     def previous(self) -> dict | None:
         if not self.summary_path.exists():
             return None
-        from cl_bench.leaderboard import validate_summary
+        from cl_bench.leaderboard import read_checked_summary
 
         try:
-            summary = read_summary(self.summary_path)
-            validate_summary(summary)
-            return summary
-        except (UserError, ValueError):
+            return read_checked_summary(self.summary_path)
+        except ValueError:
             return None  # unreadable or malformed: start again and overwrite
 
     def fresh_directory(self) -> None:
