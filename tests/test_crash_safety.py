@@ -80,16 +80,40 @@ def test_kill_9_at_random_points_then_rerun_gives_the_same_matrix(tmp_path, refe
     assert (run_dir(results) / "scores.csv").read_bytes() == reference
 
 
+# A plugin module (``plugins`` is not hashed: same run id) that parks the run at the start of task 3, after
+# task 2's summary and checkpoint are written, until a signal arrives: Ctrl-C then lands at a known
+# point however loaded the machine is, instead of racing a run that may finish first.
+PAUSE_PLUGIN = """
+import signal, sys
+from cl_bench.registry import STRATEGIES
+
+er = STRATEGIES.get("er")
+before_task = er.before_task
+
+def pause_before_task_3(self, task):
+    if task.index == 2:
+        print("paused before task 3", flush=True)
+        signal.pause()
+    before_task(self, task)
+
+er.before_task = pause_before_task_3
+"""
+
+
 def test_ctrl_c_marks_interrupted_and_resume_false_keeps_the_old_run(tmp_path, reference):
     results = tmp_path / "r"
-    process = start(results)
-    assert wait_for_task(process, 2)
+    (tmp_path / "pause_plugin.py").write_text(PAUSE_PLUGIN)
+    process = subprocess.Popen([sys.executable, "-m", "cl_bench.cli", "run", *ARGS, f"results_dir={results}",
+                                "plugins=[pause_plugin]"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{tmp_path}",
+                                               "COLUMNS": "200"})
+    assert any("paused before task 3" in line for line in process.stdout)
     process.send_signal(signal.SIGINT)
     output = process.communicate(timeout=60)[0]
     assert process.returncode == 130, output
     directory = run_dir(results)
     summary = json.loads((directory / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and summary["tasks_completed"] >= 2
+    assert summary["status"] == "interrupted" and summary["tasks_completed"] == 2
     assert [p.name for p in (directory / "checkpoints").iterdir()] == [f"task-{summary['tasks_completed']:03d}.pt"]
     resumed = start(results)
     assert resumed.wait(timeout=300) == 0
