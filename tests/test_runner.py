@@ -40,7 +40,11 @@ def test_every_registered_strategy_runs_on_toy(tmp_path, name):
     # every seen task scored after every task, nothing above the diagonal
     assert not np.isnan(counts[1:][np.tril_indices(T)]).any()
     assert np.isnan(counts[1:][np.triu_indices(T, 1)]).all()
-    assert summary["cost"]["trainable_params_per_task"] and summary["cost"]["peak_memory_mb"] > 0
+    # the run's own peak above its start: a tiny run in a warm process may add nothing
+    assert summary["cost"]["trainable_params_per_task"] and summary["cost"]["peak_memory_mb"] >= 0
+    card = summary["protocol"]
+    assert card["optimizer_steps"] == sum(p["optimizer_steps"] for p in summary["per_task"])
+    assert card["samples_trained_per_task"] == [p["samples_trained"] for p in summary["per_task"]]
     # smoke settings are easy: whatever the strategy, the first task is learnt well above chance
     assert 100 * sums[1, 0] / counts[1, 0] > 70
 

@@ -75,11 +75,17 @@ def load_suite(path: str) -> tuple[list[list[str]], list[int]]:
     seeds = suite.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise UserError(f"suite {path}: 'seeds' must be a non-empty list of integers")
+    budget = suite.get("budget")
+    if budget is not None and (not isinstance(budget, dict) or len(budget) != 1 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in budget.values())):
+        raise UserError(f"suite {path}: 'budget' must be one of {{steps_per_task: N}} or {{samples_per_task: N}} "
+                        f"with N a positive integer, got {budget!r}"[:300])
+    shared = [f"budget.{key}={value}" for key, value in (budget or {}).items()]  # every line honours it
     lines = []
     for line in suite["runs"]:
         if not isinstance(line, str):
             raise UserError(f"suite {path}: every run must be a line of key=value arguments, got {line!r}")
-        lines.append(line.split())
+        lines.append(line.split() + shared)
     return lines, seeds
 
 

@@ -41,10 +41,18 @@ BASE = {
     "progress": True,
     "plugins": [],
     "cache_dir": str(Path.home() / ".cache" / "cl_bench"),
+    # a training budget per task every strategy honours (set at most one; see strategies.base.Budget)
+    "budget": {"steps_per_task": None, "samples_per_task": None},
+    # true: outside data (e.g. DKVB's key-initialisation set) may overlap the stream; recorded in the protocol
+    "allow_stream_data": False,
 }
 # Keys that say where or how a run executes, not what it computes: left out of the config hashes.
 NOT_HASHED = ("results_dir", "resume", "progress", "plugins", "cache_dir", "device", "keep_checkpoints")
 CHOICES = {"eval_mode": ("cil", "til"), "device": None}
+# Keys added after runs were first published: hashed only when they differ from these defaults, so
+# the run ids of configurations that do not use them stay what they were.
+HASHED_WHEN_SET = {"budget": BASE["budget"], "allow_stream_data": False}
+BUDGET_KEYS = tuple(BASE["budget"])
 
 
 def yaml_problem(error: yaml.YAMLError) -> str:
@@ -204,9 +212,12 @@ def compose(argv: list[str] | tuple[str, ...] = ()) -> DictConfig:
         sections[group] = group_config(group, top[group])
 
     config = {key: value for key, value in top.items() if key not in GROUPS}
+    config["budget"] = dict(BASE["budget"])
     for key, value in overrides:
         head, _, rest = key.partition(".")
-        if head in GROUPS and rest:
+        if head == "budget":
+            config["budget"] = budget_settings(key, value, config["budget"])
+        elif head in GROUPS and rest:
             values, parameters = sections[head]
             if "." in rest or rest not in parameters:
                 raise UserError(f"unknown key '{key}'{suggest(key, [f'{head}.{p}' for p in parameters])}")
@@ -216,7 +227,7 @@ def compose(argv: list[str] | tuple[str, ...] = ()) -> DictConfig:
         elif head not in GROUPS and rest:
             raise UserError(f"'{head}' has no sub-keys (got '{key}')")
     for key, default in BASE.items():
-        if key in GROUPS or default is None:
+        if key in GROUPS or default is None or key == "budget":
             continue
         config[key] = check_value(key, config[key], inspect.Parameter(
             key, inspect.Parameter.KEYWORD_ONLY, default=default))
@@ -232,12 +243,35 @@ def compose(argv: list[str] | tuple[str, ...] = ()) -> DictConfig:
     return cfg
 
 
+def budget_settings(key: str, value, budget: dict) -> dict:
+    """``budget`` after the override ``key=value`` (``budget.steps_per_task=N``, ``budget.samples_per_task=N``
+    or ``budget={...}``): at most one positive integer, the other null."""
+    updates = {key.partition(".")[2]: value} if "." in key else value
+    if value is None and "." not in key:
+        updates = {}
+    if not isinstance(updates, dict):
+        raise UserError(f"budget expects a mapping such as {{steps_per_task: 100}}, got {value!r}")
+    budget = dict(budget)
+    for name, number in updates.items():
+        if name not in BUDGET_KEYS:
+            raise UserError(f"unknown key 'budget.{name}'{suggest(f'budget.{name}', [f'budget.{k}' for k in BUDGET_KEYS])}")
+        if number is not None and (isinstance(number, bool) or not isinstance(number, int) or number < 1):
+            raise UserError(f"budget.{name} expects a positive integer, got {number!r}")
+        budget[name] = number
+    if all(budget[k] is not None for k in BUDGET_KEYS):
+        raise UserError("budget: set steps_per_task or samples_per_task, not both")
+    return budget
+
+
 def config_hash(cfg: DictConfig, with_seed: bool = True, with_strategy: bool = True) -> str:
     """sha256 (16 hex) of the resolved config, minus execution-only keys (and the seed or the
     strategy if asked: without the strategy it identifies the setting a joint reference shares)."""
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in NOT_HASHED + (() if with_seed else ("seed",)) + (() if with_strategy else ("strategy",)):
         data.pop(key, None)
+    for key, default in HASHED_WHEN_SET.items():
+        if data.get(key) == default:
+            data.pop(key)
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

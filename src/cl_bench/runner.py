@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cl_bench import metrics, scorers
+from cl_bench import metrics, protocol, scorers
 from cl_bench._io import atomic_write_text, atomic_torch_save, provenance
 from cl_bench.config import config_hash, run_id
 from cl_bench.errors import UserError
@@ -31,9 +31,10 @@ from cl_bench.models.backbone import FeatureCache, VectorBackbone
 from cl_bench.models.factory import create_backbone
 from cl_bench.registry import SCENARIOS, STRATEGIES
 from cl_bench.scenarios.base import Samples, Stream
-from cl_bench.strategies.base import Context, NonFiniteLoss, Strategy
+from cl_bench.strategies.base import Budget, Context, NonFiniteLoss, Strategy
 
-SCHEMA_VERSION = 1
+# 2: the protocol block, optimizer steps and examples stored per task, mixed-batch cil evaluation
+SCHEMA_VERSION = 2
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,9 +66,18 @@ def build_strategy(cfg: DictConfig, stream: Stream, context: Context, progress) 
     if stream.kind not in strategy_class.stream_kinds:
         raise UserError(f"strategy '{cfg.strategy.name}' handles {' or '.join(strategy_class.stream_kinds)} "
                         f"streams, but scenario '{cfg.scenario.name}' is a {stream.kind} stream")
+    if context.budget is not None and not strategy_class.honours_budget:
+        raise UserError(f"strategy '{cfg.strategy.name}' cannot honour budget ({context.budget}): "
+                        f"{strategy_class.no_budget}")
+    if cfg.eval_mode == "cil" and strategy_class.needs_task_at_test:
+        raise UserError(f"strategy '{cfg.strategy.name}' needs the task identity at test time; run it with "
+                        f"eval_mode=til")
     context.num_classes = stream.num_classes if stream.kind == "classes" else None
     backbone = create_backbone(cfg.model, stream.input_kind, stream.input_shape)
-    info = {"backbone_params": sum(p.numel() for p in backbone.parameters()), "feature_seconds": 0.0}
+    info = {"backbone_params": sum(p.numel() for p in backbone.parameters()), "feature_seconds": 0.0,
+            "cached_features": backbone.frozen, "pretrained": getattr(backbone, "pretrained_source", "")}
+    if info["pretrained"]:
+        info["weights_digest"] = protocol.weights_digest(backbone)
     if backbone.frozen:
         start = time.perf_counter()
         cache = FeatureCache(cfg.cache_dir, batch_size=cfg.eval_batch_size, device=context.device,
@@ -141,9 +151,11 @@ class Run:
         from cl_bench.leaderboard import read_checked_summary
 
         try:
-            return read_checked_summary(self.summary_path)
+            summary = read_checked_summary(self.summary_path)
         except ValueError:
             return None  # unreadable or malformed: start again and overwrite
+        # written under an older protocol (no protocol card, per-task cil batches): start again
+        return summary if summary["schema"] == SCHEMA_VERSION else None
 
     def fresh_directory(self) -> None:
         """resume=false: keep the old run and start in the next free '<id>-rN' directory."""
@@ -161,13 +173,6 @@ class Run:
         text = "\n".join(lines) + "\n"
         atomic_write_text(self.directory / "scores.csv", text)
         return hashlib.sha256(text.encode()).hexdigest()
-
-
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
 
 
 def run(cfg: DictConfig, *, console=None, wait_for_lock: bool = False) -> dict:
@@ -188,7 +193,10 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
         return previous
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    context = Context(device=device, generator=torch.Generator().manual_seed(cfg.seed))
+    budget = {k: v for k, v in cfg.budget.items() if v is not None}
+    context = Context(device=device, generator=torch.Generator().manual_seed(cfg.seed),
+                      budget=Budget(**budget) if budget else None)
+    memory = protocol.PeakMemory(device)
     progress_bar = Progress(enabled=cfg.progress, console=console)
     context.progress = progress_bar.track
     with progress_bar:
@@ -231,7 +239,9 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
                 summary["general"] = {"suites": [g.name for g in stream.general],
                                       "scores": [[None if np.isnan(v) else float(v) for v in row]
                                                  for row in 100 * general_sums / general_counts]}
-            summary["cost"] = costs(summary, strategy, trainable_names, info, device)
+            summary["protocol"] = protocol.card(cfg, stream, strategy, summary["per_task"], info, memory,
+                                                "features" if info["cached_features"] else "raw")
+            summary["cost"] = costs(summary, strategy, trainable_names, info)
             summary["provenance"]["finished_at" if status == "finished" else "updated_at"] = time.time()
             summary["scores_sha256"] = record.write_scores(sums, counts)
             atomic_write_text(record.summary_path, json.dumps(summary, indent=1, default=str))
@@ -246,7 +256,7 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
                 strategy.before_task(task)
                 trainable = {n for n, p in strategy.named_parameters() if p.requires_grad}
                 trainable_names |= trainable
-                trained_before = strategy.samples_trained
+                trained_before, steps_before = strategy.samples_trained, strategy.optimizer_steps
                 tokens_before = token_counters(strategy)
                 began = time.perf_counter()
                 strategy.learn(task)
@@ -262,6 +272,8 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
                     "trainable_params": sum(p.numel() for n, p in strategy.named_parameters() if n in trainable),
                     "total_params": sum(p.numel() for p in strategy.parameters()),
                     "samples_trained": strategy.samples_trained - trained_before,
+                    "optimizer_steps": strategy.optimizer_steps - steps_before,
+                    "examples_stored": strategy.examples_stored(),
                     "samples_evaluated": int(np.nansum(counts[t + 1])),
                     "score": float(100 * np.nansum(sums[t + 1, : t + 1]) / np.nansum(counts[t + 1, : t + 1])),
                     **tokens,
@@ -313,11 +325,10 @@ def token_counters(strategy) -> dict:
     return {k: getattr(strategy, k) for k in TOKEN_COUNTERS if hasattr(strategy, k)}
 
 
-def costs(summary: dict, strategy: Strategy, trainable_names: set, info: dict, device) -> dict:
+def costs(summary: dict, strategy: Strategy, trainable_names: set, info: dict) -> dict:
     per_task = summary["per_task"]
     train_seconds = sum(p["train_seconds"] for p in per_task)
     totals = [p["total_params"] for p in per_task]
-    memory, memory_kind = peak_memory_mb(device)
     samples = sum(p["samples_trained"] for p in per_task)
     return {
         "train_seconds": train_seconds,
@@ -327,7 +338,8 @@ def costs(summary: dict, strategy: Strategy, trainable_names: set, info: dict, d
         "trainable_params_per_task": [p["trainable_params"] for p in per_task],
         "params_added_per_task": (totals[-1] - totals[0]) / (len(totals) - 1) if len(totals) > 1 else None,
         "backbone_params": info["backbone_params"],
-        "peak_memory_mb": memory, "peak_memory_kind": memory_kind,
+        "peak_memory_mb": summary["protocol"]["peak_memory_mb"],
+        "peak_memory_kind": summary["protocol"]["peak_memory_kind"],
         "samples_per_second": samples / train_seconds if train_seconds > 0 else None,
         **token_rates(per_task, train_seconds),
     }

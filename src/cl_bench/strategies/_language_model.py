@@ -99,9 +99,11 @@ class LanguageModelStrategy(Strategy):
         self.train()
         optimizer = self.make_optimizer()
         trainable = self.trainable_parameters()
-        for epoch in range(self.epochs):
-            description = f"{task.name} epoch {epoch + 1}/{self.epochs}"
+        for epoch in self.training_epochs(self.epochs):
+            description = f"{task.name} epoch {epoch + 1}"
             for batch in self.example_batches(data, description=description):
+                if self.budget_spent():
+                    break
                 loss = self.loss(batch, task)
                 self.check_finite(loss, description)
                 optimizer.zero_grad(set_to_none=True)
@@ -110,7 +112,7 @@ class LanguageModelStrategy(Strategy):
                     torch.nn.utils.clip_grad_norm_(trainable, self.grad_clip)
                 optimizer.step()
                 self.after_optimizer_step()
-                self.samples_trained += len(batch)
+                self.count_step(len(batch))
                 self.tokens_trained += self.count_tokens(batch)
 
     def count_tokens(self, batch: Examples) -> int:

@@ -20,6 +20,22 @@ from cl_bench.scenarios.base import Samples, Task
 from cl_bench.strategies._helpers import IncrementalLinear
 
 
+@dataclass(frozen=True)
+class Budget:
+    """A training budget per task that every strategy of a suite honours (``budget.steps_per_task`` or
+    ``budget.samples_per_task``): training goes on, epoch after epoch, until the task has taken that
+    many optimizer steps or trained on that many examples (replayed ones included), then stops, even
+    mid-epoch. A samples budget ends at the first step that reaches it, so it may overshoot by less
+    than one batch."""
+
+    steps_per_task: int | None = None
+    samples_per_task: int | None = None
+
+    def __str__(self) -> str:
+        return (f"{self.steps_per_task} optimizer steps per task" if self.steps_per_task
+                else f"{self.samples_per_task} samples per task")
+
+
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss; the run stops with status ``failed``."""
 
@@ -41,6 +57,8 @@ class Context:
     # classes of the whole stream (scenario metadata, no data): for methods that size their output
     # layer once, as Avalanche's DER and L2P do; None outside the runner
     num_classes: int | None = None
+    # the suite's budget per task (None: each strategy's own epochs decide)
+    budget: Budget | None = None
 
 
 class Strategy(nn.Module):
@@ -54,11 +72,27 @@ class Strategy(nn.Module):
     # run from task 1 instead of resuming it, saying why (``not_resumable``)
     resumable = True
     not_resumable = ""
+    # False: the training loop cannot stop at a declared budget; a run with one fails saying why
+    honours_budget = True
+    no_budget = ""
+    # ``boundaries``: the strategy is told where tasks begin and end (before_task/after_task) while
+    # training; ``none``: it would learn the same without them (task-free)
+    task_identity_train = "boundaries"
+    # True: predict needs to know the task of its inputs, so it cannot run under eval_mode=cil
+    needs_task_at_test = False
+    # settings where the paper and the authors' code differ, or that change the numbers beyond the
+    # method itself: constructor key -> the paper's value; the runner records each in the protocol
+    # card and the leaderboard flags a run whose value differs from the paper's
+    protocol_switches: dict[str, object] = {}
+    # True: predictions depend on which examples share an evaluation batch (eval_batch_size is recorded)
+    eval_batch_dependent = False
 
     def __init__(self, backbone: Backbone, context: Context):
         super().__init__()
         self.backbone, self.context = backbone, context
-        self.samples_trained = 0  # read by the runner for samples_per_second
+        self.samples_trained = 0  # examples that entered a training loss (replayed ones included)
+        self.optimizer_steps = 0
+        self._task_origin = (0, 0)  # (optimizer_steps, samples_trained) when the current task began
 
     @property
     def device(self) -> torch.device:
@@ -85,6 +119,45 @@ class Strategy(nn.Module):
             part = samples.select(order[start:start + batch_size])
             yield part.inputs, part.targets.to(self.device)
 
+    def training_epochs(self, epochs: int):
+        """The epochs of one task's training: ``range(epochs)``, or under the context's budget as many
+        as it takes to spend it (the loop over batches stops with ``budget_spent()``)."""
+        self._task_origin = (self.optimizer_steps, self.samples_trained)
+        if self.context.budget is None:
+            yield from range(epochs)
+            return
+        epoch = 0
+        while not self.budget_spent():
+            steps = self.optimizer_steps
+            yield epoch
+            epoch += 1
+            if self.optimizer_steps == steps:
+                raise UserError(f"strategy {type(self).__name__} took no optimizer step in a whole epoch, so it "
+                                f"cannot spend the budget of {self.context.budget}")
+
+    def budget_spent(self) -> bool:
+        """True once the current task has used the context's budget (never without one)."""
+        budget = self.context.budget
+        if budget is None:
+            return False
+        steps, samples = self._task_origin
+        if budget.steps_per_task:
+            return self.optimizer_steps - steps >= budget.steps_per_task
+        return self.samples_trained - samples >= budget.samples_per_task
+
+    def count_step(self, samples: int) -> None:
+        """Count one optimizer step on ``samples`` examples (the protocol card's training counts)."""
+        self.optimizer_steps += 1
+        self.samples_trained += samples
+
+    def examples_stored(self) -> int:
+        """Past examples held now (replay buffers, pools, prototypes' sources are not examples)."""
+        return 0
+
+    def outside_data(self) -> list[dict]:
+        """Data from outside the stream this strategy uses: ``{"role", "source", "data_hash"}`` each."""
+        return []
+
     def check_finite(self, loss: torch.Tensor, description: str) -> None:
         """Stop the run (status ``failed``) on a NaN or infinite loss."""
         if not torch.isfinite(loss):
@@ -92,10 +165,11 @@ class Strategy(nn.Module):
                                 f"try a smaller strategy.lr (now {getattr(self, 'lr', '?')})")
 
     def get_extra_state(self):
-        return {"samples_trained": self.samples_trained}
+        return {"samples_trained": self.samples_trained, "optimizer_steps": self.optimizer_steps}
 
     def set_extra_state(self, state):
         self.samples_trained = state["samples_trained"]
+        self.optimizer_steps = state.get("optimizer_steps", 0)  # checkpoints written before it was counted
 
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -139,15 +213,17 @@ class ClassifierStrategy(Strategy):
         data = self.training_data(task)
         self.train()
         optimizer = self.make_optimizer()
-        for epoch in range(self.epochs):
-            description = f"{task.name} epoch {epoch + 1}/{self.epochs}"
+        for epoch in self.training_epochs(self.epochs):
+            description = f"{task.name} epoch {epoch + 1}"
             for inputs, targets in self.batches(data, self.batch_size, shuffle=True, description=description):
+                if self.budget_spent():
+                    break
                 loss = self.loss(inputs, targets)
                 self.check_finite(loss, description)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                self.samples_trained += len(targets)
+                self.count_step(len(targets))
 
     def predict(self, inputs) -> torch.Tensor:
         return self(inputs)

@@ -25,9 +25,13 @@ class ER(ClassifierStrategy):
         batch = incoming
         if len(self.buffer):
             batch = incoming.concat(self.buffer.sample(self.replay_batch_size))
+            self.samples_trained += len(batch) - len(incoming)  # replayed examples count as trained ones
         loss = super().loss(batch.inputs, batch.targets.to(self.device))
         self.buffer.add(incoming)
         return loss
+
+    def examples_stored(self) -> int:
+        return len(self.buffer)
 
     def get_extra_state(self):
         return {**super().get_extra_state(), "buffer": self.buffer.state()}

@@ -19,6 +19,9 @@ class Joint(ClassifierStrategy):
         self.seen_data = task.train if self.seen_data is None else self.seen_data.concat(task.train)
         return self.seen_data
 
+    def examples_stored(self) -> int:
+        return 0 if self.seen_data is None else len(self.seen_data)
+
     def get_extra_state(self):
         state = super().get_extra_state()
         if self.seen_data is not None:

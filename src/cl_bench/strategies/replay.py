@@ -28,6 +28,9 @@ class Replay(LoRAStrategy):
         kept = task.train.select(chosen.sort().values)
         self.memory = kept if self.memory is None else self.memory.concat(kept)
 
+    def examples_stored(self) -> int:
+        return 0 if self.memory is None else len(self.memory)
+
     def get_extra_state(self):
         state = super().get_extra_state()
         if self.memory is not None:
