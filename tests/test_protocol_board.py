@@ -1,14 +1,19 @@
 """Protocol on the leaderboard: pretrained weights as outside data, flags, columns, report, show, leak guard."""
 import importlib.util
+import json
+import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
+from cl_bench import leaderboard
 from cl_bench.cli import main
 from cl_bench.config import compose
 from cl_bench.models.factory import create_backbone
 from cl_bench.outside_data import input_digests
+from cl_bench.protocol_flags import PROTOCOL_COLUMNS, legend, protocol_columns, table_flags, validate_card
 from cl_bench.runner import run
 from cl_bench.scenarios.base import Samples
 from cl_bench.scenarios.toy import Toy
@@ -98,3 +103,157 @@ def test_dkvb_no_longer_builds_scenarios_itself():
     source = Path(dkvb_module.__file__).read_text()
     assert "cl_bench.config" not in source and "cl_bench.registry" not in source
 
+
+# --- flags on hand-built cards ------------------------------------------------------------------------
+WEIGHTS = {"role": "pretrained_weights", "source": "timm vit", "data_hash": "w1"}
+
+
+def card(**changes) -> dict:
+    """A protocol card of a plain cil run that trained 1000 samples in 100 steps, changed by ``changes``."""
+    base = {"samples_trained": 1000, "samples_trained_per_task": [500, 500], "optimizer_steps": 100,
+            "optimizer_steps_per_task": [50, 50], "epochs": 2, "budget": None, "examples_stored": 0,
+            "examples_stored_kind": None, "task_identity_train": "boundaries", "task_identity_test": "none",
+            "eval_batches": "mixed", "extra_data": [WEIGHTS], "allow_stream_data": False, "switches": {},
+            "trainable_params_per_stage": [10, 12], "trainable_params_max_stage": 12, "peak_memory_mb": 5.0,
+            "peak_memory_kind": "rss_peak_above_start"}
+    return {**base, **changes}
+
+
+def test_rows_like_the_others_have_no_flags_and_shared_pretrained_weights_are_not_flagged():
+    assert table_flags([[card()], [card(samples_trained=1050, optimizer_steps=95)], [card(), card()]]) == [[], [], []]
+
+
+def test_each_flag_on_the_row_that_differs():
+    key_init = {"role": "key_init_data", "source": "scenario digits", "data_hash": "d1"}
+    rows = [
+        [card()], [card()], [card()],
+        [card(samples_trained=3800, optimizer_steps=620)],  # trains on 3.8x the samples in 6.2x the steps
+        [card(examples_stored=500, examples_stored_kind="raw")],
+        [card(examples_stored=200, examples_stored_kind="features")],
+        [card(extra_data=[WEIGHTS, key_init], allow_stream_data=True)],
+        [card(task_identity_test="given", eval_batches="per_task")],
+        [card(switches={"adapter_merge": {"value": "legacy", "paper": "mean"},
+                        "eval_batch_size": {"value": 64, "paper": None},
+                        "ema": {"value": 0.9, "paper": 0.9}})],
+        [card(), card(budget={"steps_per_task": 10})],
+    ]
+    flags = table_flags(rows)
+    assert flags[:3] == [[], [], []]
+    assert flags[3] == ["budget x3.8", "steps x6.2"]
+    assert flags[4] == ["stores 500 ex"] and flags[5] == ["stores 200 features"]
+    assert flags[6] == ["extra data: key_init_data=scenario digits", "allow_stream_data"]
+    assert flags[7] == ["task id at test"]
+    assert flags[8] == ["adapter_merge=legacy"]  # no paper value or the paper's value: not flagged
+    assert flags[9] == ["seeds differ: budget"]
+
+
+def test_fewer_samples_than_the_median_is_flagged_too():
+    assert table_flags([[card()], [card()], [card(samples_trained=250, optimizer_steps=100)]])[2] == ["budget x0.25"]
+
+
+def test_protocol_columns_average_counts_and_show_disagreement():
+    columns = protocol_columns([card(samples_trained=1000, switches={"m": {"value": "a", "paper": "a"}}),
+                                card(samples_trained=2000, budget={"steps_per_task": 10},
+                                     switches={"m": {"value": "a", "paper": "a"}})])
+    assert columns["samples_trained"] == 1500 and columns["examples_stored_kind"] == ""
+    assert columns["budget"] == "varies: none | steps_per_task=10"
+    assert columns["extra_data"] == "pretrained_weights=timm vit" and columns["switches"] == "m=a"
+    assert columns["allow_stream_data"] == "false" and columns["task_identity_test"] == "none"
+
+
+def test_legend_names_only_the_kinds_of_flags_present():
+    rules = legend(["budget x3.8", "adapter_merge=legacy", "stores 5 ex"])
+    assert [rule.split("`")[1] for rule in rules] == ["budget xR", "stores N ex", "key=value"]
+    assert legend([]) == []
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda c: c.pop("samples_trained"), "protocol lacks samples_trained"),
+    (lambda c: c.update(examples_stored="many"), "protocol.examples_stored is a str"),
+    (lambda c: c.update(allow_stream_data=1), "protocol.allow_stream_data is a int"),
+    (lambda c: c.update(extra_data=[{"role": "x"}]), "extra_data should hold"),
+    (lambda c: c.update(switches={"k": 3}), "switches.k should be"),
+])
+def test_damaged_cards_are_refused_with_the_field(damage, reason):
+    damaged = card()
+    damage(damaged)
+    with pytest.raises(ValueError, match=reason):
+        validate_card(damaged)
+    validate_card(card())
+
+
+# --- leaderboard, report and show on real tiny runs --------------------------------------------------
+@pytest.fixture(scope="module")
+def toy_results(tmp_path_factory):
+    """finetune, er and joint on toy (seeds 0 and 1), and finetune under til (seed 0)."""
+    directory = tmp_path_factory.mktemp("results")
+    common = ["scenario=toy", "progress=false", f"results_dir={directory}", f"cache_dir={directory}/cache"]
+    summaries = {(strategy, seed): run(compose([*common, f"strategy={strategy}", f"seed={seed}"]))
+                 for strategy in ("finetune", "er", "joint") for seed in (0, 1)}
+    summaries[("finetune", "til")] = run(compose([*common, "strategy=finetune", "eval_mode=til"]))
+    return directory, summaries
+
+
+def test_leaderboard_csv_has_protocol_columns_and_flags(toy_results, tmp_path):
+    directory, summaries = toy_results
+    board, excluded, out = leaderboard.build(directory, tmp_path)
+    assert excluded == []
+    csv = pd.read_csv(out / "leaderboard.csv", keep_default_na=False, dtype={"allow_stream_data": str})
+    assert set(PROTOCOL_COLUMNS) <= set(csv.columns)
+    rows = {(r["strategy"], r["eval_mode"]): r for r in csv.to_dict("records")}
+    cards = {key: summary["protocol"] for key, summary in summaries.items()}
+    er = rows[("er", "cil")]
+    assert er["samples_trained"] == pytest.approx((cards[("er", 0)]["samples_trained"]
+                                                   + cards[("er", 1)]["samples_trained"]) / 2)
+    assert er["examples_stored"] == cards[("er", 0)]["examples_stored"] > 0 and er["examples_stored_kind"] == "raw"
+    assert er["task_identity_test"] == "none" and er["eval_batches"] == "mixed" and er["budget"] == "none"
+    assert er["extra_data"] == "none" and er["switches"] == "none" and er["allow_stream_data"] == "false"
+    assert er["peak_memory_kind"] in ("rss_peak_above_start", "process_max_rss")
+    # cil table: finetune, er, joint; the median of samples trained is the middle one
+    samples = {s: cards[(s, 0)]["samples_trained"] for s in ("finetune", "er", "joint")}
+    median = sorted(samples.values())[1]
+    for strategy, value in samples.items():
+        flags = rows[(strategy, "cil")]["protocol_flags"]
+        assert (f"budget x{value / median:.2g}" in flags) == (abs(value / median - 1) > 0.1), (strategy, flags)
+    assert f"stores {cards[('er', 0)]['examples_stored']} ex" in er["protocol_flags"]
+    assert "stores" not in rows[("finetune", "cil")]["protocol_flags"]
+    til = rows[("finetune", "til")]
+    assert til["protocol_flags"] == "task id at test" and til["task_identity_test"] == "given"
+    assert til["eval_batches"] == "per_task"
+
+
+def test_leaderboard_markdown_shows_flags_and_a_legend_per_table(toy_results, tmp_path):
+    directory, _ = toy_results
+    board, _, out = leaderboard.build(directory, tmp_path)
+    text = (out / "LEADERBOARD.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| strategy"))
+    assert header.endswith("| protocol_flags |")
+    er_line = next(line for line in text.splitlines() if line.startswith("| er |"))
+    assert er_line.split(" | ")[-1].rstrip(" |") == board.set_index("strategy").loc["er", "protocol_flags"]
+    assert "`stores N ex`: keeps N past examples" in text and "`task id at test`: evaluated with" in text
+
+
+def copy_runs(directory, tmp_path):
+    shutil.copytree(directory / "runs", tmp_path / "runs")
+    return sorted((tmp_path / "runs").iterdir())
+
+
+def edit_summary(run_dir, change):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    change(summary)
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_runs_written_before_protocol_cards_are_excluded_and_damaged_cards_too(toy_results, tmp_path):
+    directory, _ = toy_results
+    runs = copy_runs(directory, tmp_path)
+    edit_summary(runs[0], lambda s: (s.update(schema=1), s.pop("protocol")))
+    edit_summary(runs[1], lambda s: s["protocol"].update(samples_trained="lots"))
+    edit_summary(runs[2], lambda s: s.pop("protocol"))
+    board, excluded, _ = leaderboard.build(tmp_path)
+    reasons = dict(excluded)
+    assert reasons == {runs[0].name: "written before protocol cards; rerun it",
+                       runs[1].name: "corrupt: summary.json: protocol.samples_trained is a str",
+                       runs[2].name: "corrupt: summary.json lacks protocol"}
+    assert board["n_seeds"].sum() == 7 - 3
+    assert runs[0].name in (tmp_path / "LEADERBOARD.md").read_text()
