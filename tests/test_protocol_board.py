@@ -1,6 +1,8 @@
 """Protocol on the leaderboard: pretrained weights as outside data, flags, columns, report, show, leak guard."""
+import html
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -8,11 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from cl_bench import leaderboard
+from cl_bench import leaderboard, report
 from cl_bench.cli import main
 from cl_bench.config import compose
 from cl_bench.models.factory import create_backbone
 from cl_bench.outside_data import input_digests
+from cl_bench.protocol import switches
 from cl_bench.protocol_flags import PROTOCOL_COLUMNS, legend, protocol_columns, table_flags, validate_card
 from cl_bench.runner import run
 from cl_bench.scenarios.base import Samples
@@ -257,3 +260,53 @@ def test_runs_written_before_protocol_cards_are_excluded_and_damaged_cards_too(t
                        runs[2].name: "corrupt: summary.json lacks protocol"}
     assert board["n_seeds"].sum() == 7 - 3
     assert runs[0].name in (tmp_path / "LEADERBOARD.md").read_text()
+
+
+def test_report_has_a_protocol_table_per_section_and_each_run_card(toy_results, tmp_path):
+    directory, summaries = toy_results
+    page = report.write(directory, tmp_path)[0].read_text()
+    table = re.search(r'<table class="protocol"><thead><tr>(.*?)</tr></thead><tbody>(.*?)</tbody>', page)
+    header = re.findall(r"<th>(.*?)</th>", table.group(1))
+    assert header == ["strategy", "eval", *PROTOCOL_COLUMNS]
+    rows = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table.group(2))]
+    er = next(row for row in rows if row[0] == "er")
+    assert er[header.index("examples_stored")] == str(summaries[("er", 0)]["protocol"]["examples_stored"])
+    assert "stores" in er[header.index("protocol_flags")]
+    assert "Flags: `budget xR`: samples trained" in html.unescape(page)
+    assert page.count("<summary>protocol card</summary>") == len(summaries)
+    card = summaries[("joint", 1)]["protocol"]
+    assert html.escape(json.dumps(card, indent=1)) in page
+
+
+@pytest.fixture
+def wide_terminal(monkeypatch):
+    """Rich wraps tables and lines at the terminal width; a wide one keeps them whole."""
+    monkeypatch.setenv("COLUMNS", "300")
+
+
+def test_show_prints_the_protocol_card(capsys, wide_terminal, toy_results):
+    directory, summaries = toy_results
+    assert main(["show", summaries[("er", 1)]["run_id"], "--results-dir", str(directory)]) == 0
+    out = capsys.readouterr().out
+    card = summaries[("er", 1)]["protocol"]
+    assert "protocol card" in out
+    assert re.search(rf"examples_stored\s+.\s+{card['examples_stored']}\s", out)
+    assert re.search(r"task_identity_test\s+.\s+none\s", out) and "samples_trained_per_task" in out
+
+
+def test_show_says_when_a_run_has_no_protocol_card(capsys, wide_terminal, toy_results, tmp_path):
+    directory, _ = toy_results
+    old = copy_runs(directory, tmp_path)[0]
+    edit_summary(old, lambda s: (s.update(schema=1), s.pop("protocol")))
+    assert main(["show", str(old)]) == 0
+    assert "no protocol card (written before protocol cards; rerun it)" in capsys.readouterr().out
+
+
+def test_switches_record_the_paper_value_beside_the_one_used():
+    class Declares:
+        protocol_switches = {"lr": 0.5, "batch_size": 32}
+        eval_batch_dependent = True
+
+    cfg = compose(["scenario=toy", "strategy=finetune", "strategy.lr=0.1", "strategy.batch_size=32"])
+    assert switches(cfg, Declares()) == {"lr": {"value": 0.1, "paper": 0.5}, "batch_size": {"value": 32, "paper": 32},
+                                         "eval_batch_size": {"value": cfg.eval_batch_size, "paper": None}}

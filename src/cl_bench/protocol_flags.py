@@ -86,6 +86,13 @@ def protocol_columns(cards: list[dict]) -> dict:
     return row
 
 
+def display(value) -> str:
+    """A protocol column's value as a table shows it: whole counts without decimals."""
+    if isinstance(value, float):
+        return f"{value:.0f}" if value.is_integer() else f"{value:.1f}"
+    return str(value)
+
+
 def _ratio_flag(name: str, values: list[float], index: int) -> list[str]:
     median = statistics.median(values)
     if median <= 0:
