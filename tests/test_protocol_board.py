@@ -61,7 +61,7 @@ def one_line_error(capsys, argv) -> str:
 
 
 def test_dkvb_keys_from_the_stream_itself_are_refused_before_anything_is_written(capsys, fast_args, tmp_results):
-    line = one_line_error(capsys, ["run", "scenario=digits", *SMALL_DKVB, *fast_args])
+    line = one_line_error(capsys, ["run", "strategy=dkvb", "scenario=digits", *fast_args])
     assert "strategy.key_init_data (scenario digits) overlaps scenario 'digits'" in line
     assert "allow_stream_data=true" in line
     assert not (tmp_results / "runs").exists()

@@ -46,7 +46,7 @@ def validate_card(card) -> None:
         if key not in card:
             raise ValueError(f"summary.json: protocol lacks {key}")
         value = card[key]
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in _tuple(kinds)):
+        if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool):
             raise ValueError(f"summary.json: protocol.{key} is a {type(value).__name__}")
     for entry in card["extra_data"]:
         if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("role", "source", "data_hash"))):
@@ -56,10 +56,6 @@ def validate_card(card) -> None:
             raise ValueError(f"summary.json: protocol.switches.{key} should be {{value, paper}}")
     if card["budget"] and not all(isinstance(v, int) and not isinstance(v, bool) for v in card["budget"].values()):
         raise ValueError("summary.json: protocol.budget should hold integers")
-
-
-def _tuple(kinds) -> tuple:
-    return kinds if isinstance(kinds, tuple) else (kinds,)
 
 
 def text_value(card: dict, column: str) -> str:
