@@ -201,7 +201,7 @@ def add_protocol(board: pd.DataFrame, runs: list[dict]) -> pd.DataFrame:
     columns["protocol_flags"] = ""
     for rows in board.groupby(TABLE_COLUMNS, sort=False).indices.values():
         for index, flags in zip(rows, protocol_flags.table_flags([row_cards[i] for i in rows])):
-            columns.at[index, "protocol_flags"] = "; ".join(flags)
+            columns.at[index, "protocol_flags"] = protocol_flags.SEPARATOR.join(flags)
     return pd.concat([board, columns], axis=1)
 
 
@@ -228,7 +228,7 @@ def markdown(board: pd.DataFrame, excluded: list[tuple[str, str]]) -> str:
                       "" if pd.isna(row["trainable_params_mean"]) else f"{row['trainable_params_mean']:.0f}",
                       row["protocol_flags"].replace("|", "/")]
             out.write("| " + " | ".join(cells) + " |\n")
-        rules = protocol_flags.legend([f for flags in part["protocol_flags"] for f in flags.split("; ") if f])
+        rules = protocol_flags.legend(list(part["protocol_flags"]))
         out.write("\nProtocol flags (rows compared within the same eval mode): "
                   + ("; ".join(rules) if rules else "none, every row trained and evaluated alike") + ".\n")
     out.write("\n## Definitions\n\n")

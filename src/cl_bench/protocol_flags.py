@@ -23,6 +23,8 @@ COUNT_COLUMNS = ["samples_trained", "optimizer_steps", "examples_stored", "train
 TEXT_COLUMNS = ["examples_stored_kind", "task_identity_train", "task_identity_test", "eval_batches", "budget",
                 "extra_data", "allow_stream_data", "switches", "peak_memory_kind"]
 PROTOCOL_COLUMNS = COUNT_COLUMNS + TEXT_COLUMNS + ["protocol_flags"]
+# between the flags of one row in the protocol_flags column
+SEPARATOR = "; "
 # a row's samples or steps differ from its table's median by more than this fraction: flagged
 BUDGET_TOLERANCE = 0.10
 # flag -> the rule that sets it (the per-table legend and results/README.md)
@@ -132,8 +134,9 @@ FLAG_PREFIXES = {"budget x": "budget xR", "steps x": "steps xR", "stores ": "sto
                  "seeds differ:": "seeds differ"}
 
 
-def legend(flags: list[str]) -> list[str]:
-    """``flag: rule`` for each kind of flag among ``flags`` (a table's), in FLAG_RULES order."""
+def legend(column: list[str]) -> list[str]:
+    """``flag: rule`` for each kind of flag in a table's ``protocol_flags`` cells, in FLAG_RULES order."""
+    flags = [flag for cell in column for flag in cell.split(SEPARATOR) if flag]
     present = {next((kind for prefix, kind in FLAG_PREFIXES.items() if flag.startswith(prefix)), "key=value")
                for flag in flags}
     return [f"`{name}`: {rule}" for name, rule in FLAG_RULES.items() if name in present]

@@ -306,8 +306,7 @@ def protocol_table(section: Section) -> str:
     rows = "".join("<tr>" + f"<td>{escape(group.label)}</td><td>{escape(group.row['eval_mode'])}</td>"
                    + "".join(f"<td>{escape(protocol_flags.display(group.row[name]))}</td>"
                              for name in protocol_flags.PROTOCOL_COLUMNS) + "</tr>" for group in section.groups)
-    rules = protocol_flags.legend([flag for group in section.groups
-                                   for flag in group.row["protocol_flags"].split("; ") if flag])
+    rules = protocol_flags.legend([group.row["protocol_flags"] for group in section.groups])
     return (f'<details open><summary>protocol: what each row trained on, stored and could see</summary>'
             f'<div class="wide"><table class="protocol"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
             f'</div><p>Flags: {escape("; ".join(rules) or "none, every row trained and evaluated alike")}</p>'
