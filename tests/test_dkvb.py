@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cl_bench import outside_data
 from cl_bench.config import compose
 from cl_bench.errors import UserError
 from cl_bench.models import factory
@@ -274,14 +275,15 @@ def test_key_init_images_of_another_shape_map_to_the_same_features_frozen_or_not
     backbone = factory.vit_tiny_test("image", (1, 28, 28), image_size=32)
     settings = dict(key_init_data="digits", key_init_samples=50, num_codebooks=4, keys_per_codebook=16,
                     key_dim=4, batch_size=16)
-    direct = DKVB(backbone, Context(generator=torch.Generator().manual_seed(3)), **settings)
+    digits = outside_data.load(DKVB, {"key_init_data": "digits"})
+    direct = DKVB(backbone, Context(generator=torch.Generator().manual_seed(3), outside=digits), **settings)
     features = direct.key_init_features()
     assert features.shape == (50, 64)
 
     frozen = factory.vit_tiny_test("image", (1, 28, 28), image_size=32, frozen=True)
     frozen.load_state_dict(backbone.state_dict())
     cache = FeatureCache(tmp_path)
-    context = Context(generator=torch.Generator().manual_seed(3),
+    context = Context(generator=torch.Generator().manual_seed(3), outside=digits,
                       featurize=lambda samples: Samples(cache.encode(frozen, samples), samples.targets))
     cached = DKVB(VectorBackbone(nn.Identity(), 64), context, **settings)
     torch.testing.assert_close(cached.key_init_features(), features, atol=1e-5, rtol=1e-5)
@@ -294,8 +296,9 @@ def test_key_init_images_of_another_shape_map_to_the_same_features_frozen_or_not
 
 def test_text_keys_come_from_the_chatterbot_corpus():
     backbone = factory.minilm("text", (), frozen=False)
-    strategy = DKVB(backbone, Context(), key_init_data="chatterbot", key_init_samples=24, num_codebooks=4,
-                    keys_per_codebook=8, key_dim=4, batch_size=12)
+    chatterbot = outside_data.load(DKVB, {"key_init_data": "chatterbot"})
+    strategy = DKVB(backbone, Context(outside=chatterbot), key_init_data="chatterbot", key_init_samples=24,
+                    num_codebooks=4, keys_per_codebook=8, key_dim=4, batch_size=12)
     features = strategy.key_init_features()
     assert features.shape == (24, 384) and not any(p.requires_grad for p in strategy.backbone.parameters())
     strategy.fit_keys(strategy.feature_batches(features))
@@ -314,13 +317,14 @@ def test_chatterbot_scenario_is_a_clean_text_split():
 def test_bad_key_init_settings_fail_with_one_clear_line():
     backbone = VectorBackbone(nn.Identity(), 16)
     with pytest.raises(UserError, match="key_init_data.*unknown scenario 'digit'.*digits"):
-        DKVB(backbone, Context(), key_init_data="digit")
+        outside_data.load(DKVB, {"key_init_data": "digit"})
     with pytest.raises(UserError, match="key_init_args: scenario 'toy' has no key 'data_sed'.*data_seed"):
-        DKVB(backbone, Context(), key_init_data="toy", key_init_args={"data_sed": 1})
+        outside_data.load(DKVB, {"key_init_data": "toy", "key_init_args": {"data_sed": 1}})
     with pytest.raises(UserError, match="chunk"):
         DKVB(backbone, Context(), key_init_data="toy", splitter="chunk", num_codebooks=3, key_dim=4)
     mlp = factory.mlp("vector", (16,), hidden=8)  # digits are 64-d when flattened
-    strategy = DKVB(mlp, Context(), key_init_data="digits", num_codebooks=2, keys_per_codebook=4, key_dim=2)
+    strategy = DKVB(mlp, Context(outside=outside_data.load(DKVB, {"key_init_data": "digits"})),
+                    key_init_data="digits", num_codebooks=2, keys_per_codebook=4, key_dim=2)
     strategy.before_task(task(0))
     with pytest.raises(UserError, match="cannot encode key_init_data 'digits'"):
         strategy.learn(task(0))

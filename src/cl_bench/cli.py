@@ -7,6 +7,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -171,6 +172,7 @@ def command_show(args, console: Console) -> int:
                       *extra)
     out.print(table)
     print_metrics(summary, out)
+    print_protocol(summary, out)
     if args.plot:
         from cl_bench.report import plot_run
         for path in plot_run(directory, summary, sums, counts):
@@ -183,6 +185,17 @@ def print_metrics(summary: dict, out: Console) -> None:
     for name, value in {**summary.get("metrics", {}), **{k: v for k, v in summary.get("cost", {}).items()
                                                           if not isinstance(v, list)}}.items():
         table.add_row(name, "" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value)))
+    out.print(table)
+
+
+def print_protocol(summary: dict, out: Console) -> None:
+    """The run's protocol card: what it trained on, stored and could see (results/README.md defines it)."""
+    if "protocol" not in summary:
+        out.print(f"{summary.get('run_id')}: no protocol card (written before protocol cards; rerun it)")
+        return
+    table = Table(title=f"{summary.get('run_id')}: protocol card", show_header=False)
+    for name, value in summary["protocol"].items():
+        table.add_row(name, escape(value if isinstance(value, str) else json.dumps(value)))
     out.print(table)
 
 

@@ -1,9 +1,12 @@
 """Collect runs, check them, aggregate over seeds, write leaderboard.csv and LEADERBOARD.md.
 
 Runs are grouped by ``group_hash`` (the config hash without the seed): mean, std and n_seeds per
-metric. A run is excluded, with its reason, when its summary is unreadable or malformed, its
-scores file is missing or does not match the checksum recorded in its summary, it did not finish,
-or a newer finished run has the same config hash.
+metric, the protocol columns of their cards and the flags of rows whose protocol differs from the
+others in their table (``protocol_flags``). A run is excluded, with its reason, when its summary is
+unreadable or malformed (a damaged protocol card included), it was written before protocol cards
+(schema 1: its numbers have no protocol, and its cil evaluation batches were per task), its scores
+file is missing or does not match the checksum recorded in its summary, it did not finish, or a newer
+finished run has the same config hash.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cl_bench import metrics
+from cl_bench import metrics, protocol_flags
 from cl_bench._io import atomic_write_text, read_summary
 from cl_bench.errors import UserError
 
@@ -47,6 +50,9 @@ SCHEMA = {"schema": int, "run_id": str, "status": str, "strategy": str, "strateg
           "tasks_total": int, "tasks_completed": int, "metrics": dict, "cost": dict, "scores_sha256": str,
           "per_task": list, "provenance": dict}
 STATUSES = ("running", "finished", "failed", "interrupted")
+FIRST_WITH_PROTOCOL = 2  # summary schema that added the protocol card
+# one leaderboard table: the rows whose protocols are compared
+TABLE_COLUMNS = ["scenario", "model", "eval_mode"]
 MAX_TASKS = 100_000
 
 
@@ -71,6 +77,10 @@ def validate_summary(summary: dict) -> None:
                 raise ValueError(f"summary.json: metrics.{name} should be a number")
     if not all(isinstance(p, dict) for p in summary["per_task"]):
         raise ValueError("summary.json: per_task should hold objects")
+    if summary["schema"] >= FIRST_WITH_PROTOCOL:
+        if "protocol" not in summary:
+            raise ValueError("summary.json lacks protocol")
+        protocol_flags.validate_card(summary["protocol"])
 
 
 def read_checked_summary(path: Path) -> dict:
@@ -105,6 +115,8 @@ def check_run(directory: Path) -> dict:
         summary = read_checked_summary(directory / "summary.json")
     except ValueError as error:
         raise ValueError(f"corrupt: {error}") from None
+    if summary["schema"] < FIRST_WITH_PROTOCOL:
+        raise ValueError("written before protocol cards; rerun it")
     if summary["status"] != "finished":
         message = f": {summary.get('message')}" if summary.get("message") else ""
         raise ValueError(f"{summary['status']} after {summary['tasks_completed']}/{summary['tasks_total']} tasks"
@@ -173,8 +185,24 @@ def aggregate(runs: list[dict]) -> pd.DataFrame:
         board[f"{name}_mean"] = grouped[name].mean()
         board[f"{name}_std"] = grouped[name].std(ddof=1)
     board = board.reset_index()
-    return board.sort_values(["scenario", "model", "acc_final_task_mean_mean"], ascending=[True, True, False],
-                             na_position="last", ignore_index=True)
+    board = board.sort_values(["scenario", "model", "acc_final_task_mean_mean"], ascending=[True, True, False],
+                              na_position="last", ignore_index=True)
+    return add_protocol(board, runs)
+
+
+def add_protocol(board: pd.DataFrame, runs: list[dict]) -> pd.DataFrame:
+    """The protocol columns of each row (from its seeds' cards) and its flags within its table."""
+    cards: dict[tuple, list[dict]] = {}
+    for summary in runs:
+        cards.setdefault(tuple(summary[key] for key in GROUP_COLUMNS), []).append(summary["protocol"])
+    row_cards = [cards[tuple(row)] for row in board[GROUP_COLUMNS].itertuples(index=False)]
+    columns = pd.DataFrame([protocol_flags.protocol_columns(c) for c in row_cards],
+                           columns=protocol_flags.PROTOCOL_COLUMNS, index=board.index)
+    columns["protocol_flags"] = ""
+    for rows in board.groupby(TABLE_COLUMNS, sort=False).indices.values():
+        for index, flags in zip(rows, protocol_flags.table_flags([row_cards[i] for i in rows])):
+            columns.at[index, "protocol_flags"] = protocol_flags.SEPARATOR.join(flags)
+    return pd.concat([board, columns], axis=1)
 
 
 def _cell(mean, std) -> str:
@@ -190,15 +218,19 @@ def markdown(board: pd.DataFrame, excluded: list[tuple[str, str]]) -> str:
     for (scenario, model), part in board.groupby(["scenario", "model"], sort=False):
         out.write(f"\n## {scenario} on {model}\n\n")
         shown = MARKDOWN_METRICS + [m for m in OPTIONAL_MARKDOWN if part[f"{m}_mean"].notna().any()]
-        header = ["strategy", "eval", "seeds"] + shown + ["train_seconds", "trainable_params"]
+        header = ["strategy", "eval", "seeds"] + shown + ["train_seconds", "trainable_params", "protocol_flags"]
         out.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
         for row in part.itertuples(index=False):
             row = row._asdict()
             cells = [row["strategy"], row["eval_mode"], str(row["n_seeds"])]
             cells += [_cell(row[f"{m}_mean"], row[f"{m}_std"]) for m in shown]
             cells += [_cell(row["train_seconds_mean"], row["train_seconds_std"]),
-                      "" if pd.isna(row["trainable_params_mean"]) else f"{row['trainable_params_mean']:.0f}"]
+                      "" if pd.isna(row["trainable_params_mean"]) else f"{row['trainable_params_mean']:.0f}",
+                      row["protocol_flags"].replace("|", "/")]
             out.write("| " + " | ".join(cells) + " |\n")
+        rules = protocol_flags.legend(list(part["protocol_flags"]))
+        out.write("\nProtocol flags (rows compared within the same eval mode): "
+                  + ("; ".join(rules) if rules else "none, every row trained and evaluated alike") + ".\n")
     out.write("\n## Definitions\n\n")
     for name in MARKDOWN_METRICS + OPTIONAL_MARKDOWN:
         out.write(f"- `{name}`: {metrics.DEFINITIONS.get(name) or COST_DEFINITIONS[name]}\n")

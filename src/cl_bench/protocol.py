@@ -64,10 +64,12 @@ def text_digest(*parts) -> str:
 
 
 def switches(cfg, strategy) -> dict:
-    """The strategy's declared paper-versus-code settings with the values this run used."""
-    values = {key: cfg.strategy[key] for key in type(strategy).protocol_switches}
+    """The strategy's declared paper-versus-code settings: ``{key: {"value": this run's, "paper": the
+    paper's}}``; ``eval_batch_size`` of a batch-dependent strategy has no paper value (``None``)."""
+    values = {key: {"value": cfg.strategy[key], "paper": paper}
+              for key, paper in type(strategy).protocol_switches.items()}
     if type(strategy).eval_batch_dependent:
-        values["eval_batch_size"] = cfg.eval_batch_size
+        values["eval_batch_size"] = {"value": cfg.eval_batch_size, "paper": None}
     return values
 
 

@@ -2,7 +2,8 @@
 
 Per (scenario, model): the leaderboard table (sortable), accuracy on the seen tasks after each task
 (mean over seeds, band = min..max over seeds), forgetting per task, accuracy versus trainable
-parameters and versus training time; per run: the score matrix heatmap and the provenance.
+parameters and versus training time, the protocol table (each row's protocol columns and flags); per
+run: the score matrix heatmap, the protocol card and the provenance.
 
 Figures use matplotlib's Agg canvas and stay readable in greyscale: each strategy has its own
 marker, line style and hatch. Text from results is never parsed as mathtext in figures and is
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cl_bench import leaderboard, metrics
+from cl_bench import leaderboard, metrics, protocol_flags
 from cl_bench._io import _atomic, atomic_write_text
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
@@ -299,6 +300,19 @@ def board_table(section: Section, columns: list[str]) -> str:
             f'</table></div>')
 
 
+def protocol_table(section: Section) -> str:
+    """One row per leaderboard row: its protocol columns and flags, and the legend of the flags present."""
+    head = "".join(f"<th>{escape(name)}</th>" for name in ["strategy", "eval", *protocol_flags.PROTOCOL_COLUMNS])
+    rows = "".join("<tr>" + f"<td>{escape(group.label)}</td><td>{escape(group.row['eval_mode'])}</td>"
+                   + "".join(f"<td>{escape(protocol_flags.display(group.row[name]))}</td>"
+                             for name in protocol_flags.PROTOCOL_COLUMNS) + "</tr>" for group in section.groups)
+    rules = protocol_flags.legend([group.row["protocol_flags"] for group in section.groups])
+    return (f'<details open><summary>protocol: what each row trained on, stored and could see</summary>'
+            f'<div class="wide"><table class="protocol"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+            f'</div><p>Flags: {escape("; ".join(rules) or "none, every row trained and evaluated alike")}</p>'
+            f'</details>')
+
+
 def run_details(run: dict, runs_dir: Path, heatmap: Figure) -> str:
     metric_rows = "".join(f"<tr><td>{escape(k)}</td><td>{escape('' if v is None else f'{v:.4g}')}</td></tr>"
                           for k, v in {**run["metrics"], **{k: v for k, v in run["cost"].items()
@@ -311,6 +325,8 @@ def run_details(run: dict, runs_dir: Path, heatmap: Figure) -> str:
     return (f"<details class=\"run\"><summary>{escape(run['run_id'])}: {escape(run['strategy'])}, "
             f"seed {escape(run['seed'])}</summary>{image(heatmap, 'score matrix of ' + str(run['run_id']))}"
             f"<table class=\"metrics\">{metric_rows}</table>"
+            f"<details><summary>protocol card</summary><pre>{escape(json.dumps(run['protocol'], indent=1))}"
+            f"</pre></details>"
             f"<details><summary>config.yaml</summary><pre>{escape(config_text)}</pre></details>"
             f"<details><summary>provenance</summary><pre>{escape(json.dumps(provenance, indent=1, default=str))}"
             f"</pre></details></details>")
@@ -370,11 +386,13 @@ def render(results_dir, sections: list[Section], board: pd.DataFrame, excluded: 
         name = f"{slug(section.scenario)}-{slug(section.model)}"
         body.append(f"<h2>{escape(section.scenario)} on {escape(section.model)}</h2>")
         body.append(board_table(section, shown))
+        body.append(protocol_table(section))
         body.append('<div class="figures">')
         for kind, (figure, _) in section_figures(section).items():
             figures[unique(figures, f"{name}-{kind}.png")] = figure
             body.append(image(figure, f"{section.scenario} on {section.model}: {kind}"))
-        body.append("</div><details><summary>runs: score matrices, metrics, config and provenance</summary>")
+        body.append("</div><details><summary>runs: score matrices, metrics, protocol cards, config and "
+                    "provenance</summary>")
         for group in section.groups:
             for run in group.runs:
                 heatmap = run_heatmap(run)

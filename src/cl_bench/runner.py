@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cl_bench import metrics, protocol, scorers
+from cl_bench import metrics, outside_data, protocol, scorers
 from cl_bench._io import atomic_write_text, atomic_torch_save, provenance
 from cl_bench.config import config_hash, run_id
 from cl_bench.errors import UserError
@@ -73,6 +73,9 @@ def build_strategy(cfg: DictConfig, stream: Stream, context: Context, progress) 
         raise UserError(f"strategy '{cfg.strategy.name}' needs the task identity at test time; run it with "
                         f"eval_mode=til")
     context.num_classes = stream.num_classes if stream.kind == "classes" else None
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.strategy).items() if k not in ("name", "type")}
+    context.outside = outside_data.load(strategy_class, settings)
+    outside_data.refuse_stream_data(context.outside, stream, allowed=cfg.allow_stream_data)
     backbone = create_backbone(cfg.model, stream.input_kind, stream.input_shape)
     info = {"backbone_params": sum(p.numel() for p in backbone.parameters()), "feature_seconds": 0.0,
             "cached_features": backbone.frozen, "pretrained": getattr(backbone, "pretrained_source", "")}
@@ -87,7 +90,6 @@ def build_strategy(cfg: DictConfig, stream: Stream, context: Context, progress) 
         context.featurize = lambda samples, frozen=backbone: Samples(cache.encode(frozen, samples), samples.targets)
         info["feature_seconds"] = time.perf_counter() - start
         backbone = VectorBackbone(torch.nn.Identity(), backbone.out_dim, preprocessing={"cached_features": True})
-    settings = {k: v for k, v in OmegaConf.to_container(cfg.strategy).items() if k not in ("name", "type")}
     strategy = strategy_class(backbone, context, **settings).to(context.device)
     return strategy, stream, info
 

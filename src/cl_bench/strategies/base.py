@@ -16,7 +16,7 @@ from torch import nn
 
 from cl_bench.errors import UserError
 from cl_bench.models.backbone import Backbone
-from cl_bench.scenarios.base import Samples, Task
+from cl_bench.scenarios.base import Examples, Samples, Task
 from cl_bench.strategies._helpers import IncrementalLinear
 
 
@@ -40,6 +40,16 @@ class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss; the run stops with status ``failed``."""
 
 
+@dataclass(frozen=True)
+class OutsideData:
+    """Data from outside the stream that the runner lends a strategy (see ``Strategy.outside_data_keys``):
+    the raw train data of every task of another scenario, where it comes from, and its data hash."""
+
+    source: str
+    data_hash: str
+    samples: Samples | Examples
+
+
 def no_progress(iterable, description="", total=None):
     return iterable
 
@@ -59,6 +69,8 @@ class Context:
     num_classes: int | None = None
     # the suite's budget per task (None: each strategy's own epochs decide)
     budget: Budget | None = None
+    # outside data the runner lends, by the config key that names it (``Strategy.outside_data_keys``)
+    outside: dict[str, OutsideData] = field(default_factory=dict)
 
 
 class Strategy(nn.Module):
@@ -86,6 +98,10 @@ class Strategy(nn.Module):
     protocol_switches: dict[str, object] = {}
     # True: predictions depend on which examples share an evaluation batch (eval_batch_size is recorded)
     eval_batch_dependent = False
+    # config keys that name a scenario from outside the stream -> the key holding its settings (or
+    # None): the runner builds it, refuses it when it overlaps the stream, and lends its train data
+    # as ``context.outside[key]``; the protocol card lists it as extra data
+    outside_data_keys: dict[str, str | None] = {}
 
     def __init__(self, backbone: Backbone, context: Context):
         super().__init__()
@@ -155,8 +171,10 @@ class Strategy(nn.Module):
         return 0
 
     def outside_data(self) -> list[dict]:
-        """Data from outside the stream this strategy uses: ``{"role", "source", "data_hash"}`` each."""
-        return []
+        """Data from outside the stream this strategy uses: ``{"role", "source", "data_hash"}`` each (by
+        default the data the runner lent it)."""
+        return [{"role": key, "source": data.source, "data_hash": data.data_hash}
+                for key, data in self.context.outside.items()]
 
     def check_finite(self, loss: torch.Tensor, description: str) -> None:
         """Stop the run (status ``failed``) on a NaN or infinite loss."""

@@ -20,9 +20,11 @@ clipping, cross-entropy with label smoothing), so a step changes only the values
 batch fetched. Training counts how often each pair is fetched; at evaluation pairs never fetched are
 excluded from the search.
 
-Nothing checks that ``key_init_data`` is a different source than the stream: choosing one is the
-user's job (the authors fit CIFAR-10 keys on CIFAR-100 and vice versa). The default, ``digits``, suits
-image streams other than digits (e.g. fmnist); for text streams pass e.g. ``chatterbot``.
+The runner builds the ``key_init_data`` scenario and lends its train data as
+``context.outside["key_init_data"]`` (``outside_data_keys``); it refuses data that overlaps the stream
+(same data hash or identical inputs) unless ``allow_stream_data=true`` (the authors fit CIFAR-10 keys
+on CIFAR-100 and vice versa). The default, ``digits``, suits image streams other than digits (e.g.
+fmnist); for text streams pass e.g. ``chatterbot``.
 
 Follows the authors' code (ftraeuble/discrete_key_value_bottleneck@1987958 ``core.py``, ``utils.py``,
 ``splitters.py``; ftraeuble/experiments_discrete_key_value_bottleneck@abd0c7a ``scripts/train.py``,
@@ -58,26 +60,9 @@ DISTANCE_BUDGET = 2**24  # floats per distance block (codebooks x queries x keys
 EPS = 1e-5  # Laplace smoothing of the EMA counts
 
 
-def build_key_init_scenario(name: str, settings: dict | None):
-    """The scenario that provides the key-initialisation data, built like ``scenario=NAME``."""
-    from cl_bench.config import check_value, group_config
-    from cl_bench.registry import SCENARIOS, suggest
-
-    try:
-        values, parameters = group_config("scenario", name)
-    except UserError as error:
-        raise UserError(f"strategy.key_init_data: {error}") from None
-    for key, value in (settings or {}).items():
-        if key not in parameters or key in ("name", "type"):
-            raise UserError(f"strategy.key_init_args: scenario '{name}' has no key '{key}'{suggest(key, parameters)}")
-        values[key] = check_value(f"strategy.key_init_args.{key}", value, parameters[key])
-    kind = values.pop("type")
-    values.pop("name")
-    return SCENARIOS.get(kind)(**values)
-
-
 class DKVB(Strategy):
     description = "discrete key-value bottleneck: frozen keys fitted on outside data, sparse learnable values"
+    outside_data_keys = {"key_init_data": "key_init_args"}
     smoke_args = ("scenario=toy", "strategy.key_init_data=toy", "strategy.key_init_args={data_seed: 1}",
                   "strategy.num_codebooks=32", "strategy.keys_per_codebook=256")
 
@@ -104,8 +89,7 @@ class DKVB(Strategy):
                 or not 0 <= label_smoothing < 1:
             raise UserError("need 0 <= decay < 1, 0 <= label_smoothing < 1 and dead_key_threshold, value_init_std, "
                             "lr, grad_clip >= 0")
-        self.key_init_data = key_init_data
-        self.key_init_scenario = build_key_init_scenario(key_init_data, key_init_args)
+        self.key_init_data = key_init_data  # key_init_args: settings of that scenario, read by the runner
         self.key_init_samples, self.key_init_epochs = key_init_samples, key_init_epochs
         self.top_k, self.splitter, self.decay = top_k, splitter, decay
         self.dead_key_threshold, self.value_init_std = dead_key_threshold, value_init_std
@@ -170,13 +154,13 @@ class DKVB(Strategy):
 
     # --- key initialisation -----------------------------------------------------------------------
     def key_init_features(self) -> torch.Tensor:
-        """Encoder features (N, D) of the key-init scenario's train data, all tasks together."""
-        stream = self.key_init_scenario.stream()
-        samples = stream.tasks[0].train
-        for task in stream.tasks[1:]:
-            samples = samples.concat(task.train)
+        """Encoder features (N, D) of the key-init scenario's train data (all tasks, lent by the runner)."""
+        if "key_init_data" not in self.context.outside:
+            raise UserError(f"no key-initialisation data lent: the runner lends key_init_data "
+                            f"'{self.key_init_data}' as context.outside['key_init_data']")
+        lent = self.context.outside["key_init_data"].samples
         try:
-            samples = self.context.featurize(samples)
+            samples = self.context.featurize(lent)
             if len(samples) > self.key_init_samples:
                 keep = torch.randperm(len(samples), generator=self.context.generator)[: self.key_init_samples]
                 samples = samples.select(keep.sort().values)
@@ -185,8 +169,9 @@ class DKVB(Strategy):
         except (TypeError, ValueError, RuntimeError) as error:
             if isinstance(error, torch.OutOfMemoryError):
                 raise
-            raise UserError(f"the backbone cannot encode key_init_data '{self.key_init_data}' ({stream.input_kind} "
-                            f"inputs of shape {stream.input_shape}): {' '.join(str(error).split())[:200]}") from error
+            shape = tuple(lent.inputs.shape[1:]) if isinstance(lent.inputs, torch.Tensor) else "text"
+            raise UserError(f"the backbone cannot encode key_init_data '{self.key_init_data}' (inputs of shape "
+                            f"{shape}): {' '.join(str(error).split())[:200]}") from error
 
     def feature_batches(self, features: torch.Tensor):
         """``key_init_epochs`` shuffled passes over ``features`` in batches of ``batch_size``."""
