@@ -6,7 +6,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -70,7 +69,8 @@ def test_a_failed_run_is_reported_and_the_others_finish(capsys, tmp_path):
     assert statuses == {"finetune": "failed", "er": "finished"}
 
 
-def test_a_locked_run_is_refused_by_run_and_waited_for_by_bench(capsys, tmp_path, suite):
+def test_a_locked_run_is_refused_by_run_and_waited_for_by_bench(capsys, tmp_path, suite, monkeypatch):
+    from cl_bench import runner
     from cl_bench.config import compose, run_id
 
     results = tmp_path / "r"
@@ -80,11 +80,15 @@ def test_a_locked_run_is_refused_by_run_and_waited_for_by_bench(capsys, tmp_path
     assert main(["run", "strategy=er", "scenario=toy", "seed=1", *bench_args(results)]) == 2
     assert "is already being run by pid" in capsys.readouterr().err
     assert not (results / "runs").exists()
-    # the bench runs the others, then waits for the lock; the holder lets go after a moment
-    release = threading.Timer(3.0, lock.__exit__, args=(None, None, None))
-    release.start()
+    # the bench runs the others, then waits for the lock; the holder lets go when the bench starts
+    # waiting (the event itself, not a timer that a loaded machine can outrun)
+    def release_then_wait(results_dir, identity, *, wait=False):
+        if wait:
+            lock.__exit__(None, None, None)
+        return run_lock(results_dir, identity, wait=wait)
+
+    monkeypatch.setattr(runner, "run_lock", release_then_wait)
     assert main(["bench", str(suite), *bench_args(results)]) == 0
-    release.join()
     err = capsys.readouterr().err
     assert "will wait for it after the others" in err
     assert err.index("will wait for it") < err.index("finished er on toy / mlp, seed 1")
