@@ -54,9 +54,10 @@ Deliberate deviations (all but the last are needed to run at all)
       fixed head's untrained units never win, unlike in Avalanche's own evaluation.
 
 Protocol card: an optimizer step is one Avalanche training iteration (one mini-batch; MER and LaMAML
-update the weights several times inside one), its samples the mini-batch's targets plus the buffer
-batch ER-ACE and ER-AML draw beside it (Replay, DER and MIR's chosen samples enter the mini-batch or
-its loss; GEM's and A-GEM's memory only constrains the gradient and is not counted). A declared budget
+update the weights several times inside one), its samples the mini-batch's targets (Replay's and DER's
+include the replayed ones) plus the buffer batch ER-ACE and ER-AML draw beside it and the
+``batch_size_mem`` samples MIR adds to the loss (fewer only when its subsample batch is smaller);
+GEM's and A-GEM's memory only constrains the gradient and is not counted. A declared budget
 (``budget.steps_per_task``/``samples_per_task``) is honoured by a plugin that calls Avalanche's
 ``stop_training()`` once the task has spent it, with ``train_epochs`` raised so that enough epochs
 remain. ``examples_stored``: every storage policy's buffer (Replay, GDumb, MIR, ER-ACE, ER-AML, DER,
@@ -498,7 +499,11 @@ class _Bookkeeping(SupervisedPlugin):
             raise NonFiniteLoss(f"loss became {float(loss.detach().sum())} in {self.task} with {self.name}; "
                                 f"try a smaller strategy.lr (now {self.lr})")
         replayed = getattr(strategy, "mb_buffer_y", None)  # ER-ACE, ER-AML: a buffer batch beside the mini-batch
+        replayed = len(replayed) if replayed is not None else 0
+        for plugin in strategy.plugins:  # MIR: its most interfered buffer samples join the loss
+            if type(plugin).__name__ == "MIRPlugin" and plugin.replay_loader is not None:
+                replayed += plugin.batch_size_mem
         self.steps += 1
-        self.samples += len(strategy.mb_y) + (len(replayed) if replayed is not None else 0)
+        self.samples += len(strategy.mb_y) + replayed
         if self.budget is not None and self.spent():
             strategy.stop_training()
