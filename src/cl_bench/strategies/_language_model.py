@@ -94,12 +94,18 @@ class LanguageModelStrategy(Strategy):
     def after_optimizer_step(self) -> None:
         pass
 
+    def epoch_optimizer(self, epoch: int, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The optimizer for ``epoch`` of the task (0-based): the task's one optimizer, unless a method
+        changes what trains between epochs."""
+        return optimizer
+
     def learn(self, task: Task) -> None:
         data = self.training_data(task)
         self.train()
         optimizer = self.make_optimizer()
-        trainable = self.trainable_parameters()
         for epoch in self.training_epochs(self.epochs):
+            optimizer = self.epoch_optimizer(epoch, optimizer)
+            trainable = self.trainable_parameters()
             description = f"{task.name} epoch {epoch + 1}"
             for batch in self.example_batches(data, description=description):
                 if self.budget_spent():

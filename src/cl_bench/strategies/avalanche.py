@@ -53,6 +53,16 @@ Deliberate deviations (all but the last are needed to run at all)
     * Predictions are restricted to the classes seen so far (cl-bench's contract for ``predict``), so a
       fixed head's untrained units never win, unlike in Avalanche's own evaluation.
 
+Protocol card: an optimizer step is one Avalanche training iteration (one mini-batch; MER and LaMAML
+update the weights several times inside one), its samples the mini-batch's targets (Replay's and DER's
+include the replayed ones) plus the buffer batch ER-ACE and ER-AML draw beside it and the
+``batch_size_mem`` samples MIR adds to the loss (fewer only when its subsample batch is smaller);
+GEM's and A-GEM's memory only constrains the gradient and is not counted. A declared budget
+(``budget.steps_per_task``/``samples_per_task``) is honoured by a plugin that calls Avalanche's
+``stop_training()`` once the task has spent it, with ``train_epochs`` raised so that enough epochs
+remain. ``examples_stored``: every storage policy's buffer (Replay, GDumb, MIR, ER-ACE, ER-AML, DER,
+MER, LaMAML), GEM's and iCaRL's memories, A-GEM's buffers and Cumulative's concatenated data.
+
 Resume: Avalanche keeps strategy state outside the model (buffers of samples, importances, old models,
 optimizer moments) that only its dill pickling can save, and cl-bench checkpoints load with
 ``weights_only=True``. These strategies are therefore not resumable (``resumable = False``): the runner
@@ -82,7 +92,7 @@ from torch import nn
 from cl_bench.errors import UserError
 from cl_bench.models.backbone import Backbone, TextBackbone
 from cl_bench.scenarios.base import Task
-from cl_bench.strategies.base import OPTIMIZERS, Context, NonFiniteLoss, Strategy
+from cl_bench.strategies.base import OPTIMIZERS, Budget, Context, NonFiniteLoss, Strategy
 
 # Avalanche class name -> module that defines it
 SUPPORTED = {name: "avalanche.training" for name in (
@@ -252,7 +262,7 @@ class AvalancheStrategy(Strategy):
         self.tasks: list[Task] = []
         self.classes_seen = 0
         self.experience = None  # the last Avalanche training experience
-        self.counter = _Bookkeeping(name, self.lr)
+        self.counter = _Bookkeeping(name, self.lr, context.budget)
         with _quiet():
             self._seed()
             try:
@@ -328,11 +338,22 @@ class AvalancheStrategy(Strategy):
         with _quiet():
             self.experience = benchmark_of(self.tasks).train_stream[len(self.tasks) - 1]
             self._seed()
-            self.counter.task = task.name
+            self.counter.start(task.name)
+            budget = self.context.budget
+            if budget is not None:  # every iteration takes a step on >= 1 sample: this many epochs suffice
+                self.avalanche.train_epochs = budget.steps_per_task or budget.samples_per_task
             self.avalanche.train(self.experience, eval_streams=[])
+            self.avalanche._stop_training = False  # set on the task's very last iteration, it would stop the next
+        if budget is not None and not self.counter.spent():
+            raise UserError(f"avalanche.{self.avalanche_name} could not spend the budget of {budget} on "
+                            f"{task.name}: it took {self.counter.steps} steps on {self.counter.samples} samples")
         self.model = self.avalanche.model  # GDumb and FromScratchTraining replace it
         self.classes_seen = max(self.classes_seen, max(task.classes) + 1)
-        self.samples_trained, self.counter.samples = self.samples_trained + self.counter.samples, 0
+        self.optimizer_steps += self.counter.steps
+        self.samples_trained += self.counter.samples
+
+    def examples_stored(self) -> int:
+        return stored_examples(self.avalanche)
 
     @torch.no_grad()
     def predict(self, inputs) -> torch.Tensor:
@@ -441,16 +462,48 @@ def _vit_builder(backbone: Backbone):
     return build
 
 
-class _Bookkeeping(SupervisedPlugin):
-    """Counts trained samples and stops the run on a non-finite loss."""
+def stored_examples(strategy) -> int:
+    """Past examples an Avalanche strategy holds (see the module docstring for where each keeps them)."""
+    total = 0
+    for holder in (strategy, getattr(strategy, "buffer", None), *strategy.plugins):
+        policy = getattr(holder, "storage_policy", None)
+        total += len(policy.buffer) if policy is not None else 0
+        total += sum(len(x) for x in getattr(holder, "memory_x", {}).values())  # GEM
+        total += sum(len(x) for x in getattr(holder, "x_memory", []))  # iCaRL
+        total += sum(len(d) for d in getattr(holder, "buffers", []))  # A-GEM
+    if type(strategy).__name__ == "Cumulative" and strategy.dataset is not None:
+        total += len(strategy.dataset)
+    return total
 
-    def __init__(self, name: str, lr: float):
+
+class _Bookkeeping(SupervisedPlugin):
+    """Counts a task's training iterations (optimizer steps) and trained samples, stops the run on a
+    non-finite loss and stops training once the task has spent ``budget``."""
+
+    def __init__(self, name: str, lr: float, budget: Budget | None):
         super().__init__()
-        self.name, self.lr, self.samples, self.task = name, lr, 0, ""
+        self.name, self.lr, self.budget = name, lr, budget
+        self.task, self.steps, self.samples = "", 0, 0
+
+    def start(self, task: str) -> None:
+        self.task, self.steps, self.samples = task, 0, 0
+
+    def spent(self) -> bool:
+        if self.budget.steps_per_task is not None:
+            return self.steps >= self.budget.steps_per_task
+        return self.samples >= self.budget.samples_per_task
 
     def after_training_iteration(self, strategy, **kwargs):
         loss = strategy.loss
         if isinstance(loss, torch.Tensor) and not math.isfinite(float(loss.detach().float().sum())):
             raise NonFiniteLoss(f"loss became {float(loss.detach().sum())} in {self.task} with {self.name}; "
                                 f"try a smaller strategy.lr (now {self.lr})")
-        self.samples += len(strategy.mb_y)
+        replayed = getattr(strategy, "mb_buffer_y", None)  # ER-ACE, ER-AML: a buffer batch beside the mini-batch
+        replayed = len(replayed) if replayed is not None else 0
+        for plugin in strategy.plugins:  # MIR: its most interfered buffer samples join the loss
+            if type(plugin).__name__ == "MIRPlugin" and plugin.replay_loader is not None:
+                replayed += plugin.batch_size_mem
+        self.steps += 1
+        self.samples += len(strategy.mb_y) + replayed
+        if self.budget is not None and self.spent():
+            strategy.stop_training()

@@ -7,6 +7,7 @@ arguments (their defaults are the config defaults) and runtime objects are posit
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -32,7 +33,7 @@ class Budget:
     samples_per_task: int | None = None
 
     def __str__(self) -> str:
-        return (f"{self.steps_per_task} optimizer steps per task" if self.steps_per_task
+        return (f"{self.steps_per_task} optimizer steps per task" if self.steps_per_task is not None
                 else f"{self.samples_per_task} samples per task")
 
 
@@ -108,7 +109,8 @@ class Strategy(nn.Module):
         self.backbone, self.context = backbone, context
         self.samples_trained = 0  # examples that entered a training loss (replayed ones included)
         self.optimizer_steps = 0
-        self._task_origin = (0, 0)  # (optimizer_steps, samples_trained) when the current task began
+        self._loop_origin = (0, 0)  # (optimizer_steps, samples_trained) when the current training loop began
+        self._loop_budget: Budget | None = None  # what the current training loop may spend
 
     @property
     def device(self) -> torch.device:
@@ -135,11 +137,14 @@ class Strategy(nn.Module):
             part = samples.select(order[start:start + batch_size])
             yield part.inputs, part.targets.to(self.device)
 
-    def training_epochs(self, epochs: int):
-        """The epochs of one task's training: ``range(epochs)``, or under the context's budget as many
-        as it takes to spend it (the loop over batches stops with ``budget_spent()``)."""
-        self._task_origin = (self.optimizer_steps, self.samples_trained)
-        if self.context.budget is None:
+    def training_epochs(self, epochs: int, budget: Budget | None = None):
+        """The epochs of one training loop: ``range(epochs)``, or under a budget as many as it takes to
+        spend it (the loop over batches stops with ``budget_spent()``). The count starts here. ``budget``
+        is this loop's part of the task's budget, for a strategy that trains a task in phases and splits
+        ``context.budget`` between them; by default the loop spends the context's whole budget."""
+        self._loop_origin = (self.optimizer_steps, self.samples_trained)
+        self._loop_budget = budget or self.context.budget
+        if self._loop_budget is None:
             yield from range(epochs)
             return
         epoch = 0
@@ -149,17 +154,28 @@ class Strategy(nn.Module):
             epoch += 1
             if self.optimizer_steps == steps:
                 raise UserError(f"strategy {type(self).__name__} took no optimizer step in a whole epoch, so it "
-                                f"cannot spend the budget of {self.context.budget}")
+                                f"cannot spend the budget of {self._loop_budget}")
 
     def budget_spent(self) -> bool:
-        """True once the current task has used the context's budget (never without one)."""
-        budget = self.context.budget
+        """True once the current training loop has used its budget (never without one)."""
+        budget = self._loop_budget
         if budget is None:
             return False
-        steps, samples = self._task_origin
-        if budget.steps_per_task:
+        steps, samples = self._loop_origin
+        if budget.steps_per_task is not None:
             return self.optimizer_steps - steps >= budget.steps_per_task
         return self.samples_trained - samples >= budget.samples_per_task
+
+    def planned_steps(self, epochs: int, steps_per_epoch: int, batch_size: int) -> int:
+        """The optimizer steps a task's training loop will take, for schedules fixed before it starts:
+        ``epochs * steps_per_epoch``, or the budget's steps (a samples budget: samples / batch_size
+        rounded up, exact when every batch is full and nothing is replayed)."""
+        budget = self.context.budget
+        if budget is None:
+            return epochs * steps_per_epoch
+        if budget.steps_per_task is not None:
+            return budget.steps_per_task
+        return math.ceil(budget.samples_per_task / batch_size)
 
     def count_step(self, samples: int) -> None:
         """Count one optimizer step on ``samples`` examples (the protocol card's training counts)."""

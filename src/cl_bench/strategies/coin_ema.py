@@ -181,6 +181,7 @@ def prompt_instruction(prompt: str, templates: list[str]) -> str:
 
 class CoINEMA(LanguageModelStrategy):
     description = "LCIA (CoIN): LoRA groups chosen by instruction similarity, dynamic EMA when a group is reused"
+    protocol_switches = {"dema": "auto"}  # DEMA when a group is reused; always/never are labelled alternatives
     # the preset carries the authors' r=128, α=256; the tiny smoke model learns with the family's small LoRA
     smoke_args = (*LanguageModelStrategy.smoke_args, "strategy.lora_r=8", "strategy.lora_alpha=16")
 

@@ -38,6 +38,16 @@ stay bit-identical; the base LM stays frozen. Inference: the selector's top-1 ta
 that generates (expert 1 while it is the only one), so each prompt costs one selector pass plus one
 expert's generation whatever t.
 
+Budget (equal-budget policy). Under a declared budget (``budget.steps_per_task`` or ``samples_per_task``)
+every task trains exactly that many optimizer steps (examples) whatever t, in as many epochs as it
+takes; ``batch_limit_policy`` then only shapes the batches (dynamic replay, or plain epochs with
+``none``), not how long a task trains. Without one, ``epochs`` x S steps per task as above; ``linear``
+(policy 1, cost growing with t) is a labelled alternative (``protocol_switches``). Dynamic ConPET
+splits a task t >= 2's budget: the selector phase gets half (rounded down), the expert phase the rest;
+task 1 (no selector yet) spends it all on the expert. Samples count what entered a loss: whole batches
+for the static LoRA and the selector, the new-task examples for an expert. ``examples_stored`` is the
+size of the pools (everything seen under ``full_history``).
+
 Optimiser (both variants, the authors' ``init_optimizer``): one AdamW per task (betas 0.9/0.999,
 weight decay 0.01, eps 1e-4), no scheduler, no clipping outside the selector loop (``grad_clip=0``);
 ``late_lr``/``late_lr_from`` give their per-task learning rates (FewNERD: 5e-4 for tasks 1-2, then 1e-4).
@@ -75,6 +85,7 @@ from cl_bench.models.lm import IGNORE_INDEX
 from cl_bench.scenarios.base import Examples, Task
 from cl_bench.strategies._helpers import IncrementalLinear
 from cl_bench.strategies._language_model import LanguageModelStrategy, add_lora
+from cl_bench.strategies.base import Budget
 
 POLICIES = ("constant", "linear", "none")
 MEMORIES = ("full_history", "random_exemplars")
@@ -84,6 +95,9 @@ ADAPTER_KEY = re.compile(r"\.lora_A\.([^.]+)\.weight$")
 class _ConPET(LanguageModelStrategy):
     """What both variants share: the frozen LM with LoRA, the old-task pools, dynamic replay, the
     answer NLL and the authors' AdamW (weight decay 0.01, eps 1e-4, no scheduler)."""
+
+    # constant: the authors' README runs (policy 2, cost independent of t); full_history: their pools
+    protocol_switches = {"batch_limit_policy": "constant", "memory": "full_history"}
 
     # the random tiny LLaMA barely learns through q/k LoRA at scaling 1/r: the smoke run raises lora_alpha
     smoke_args = ("scenario=instruct_toy", "model=tiny_llama", "strategy.lr=0.005", "strategy.batch_size=2",
@@ -168,14 +182,17 @@ class _ConPET(LanguageModelStrategy):
             return [[pairs[k] for k in order[i:i + self.batch_size]] for i in range(0, len(order), self.batch_size)]
         return [self.replay_batch(sizes[-1], sizes[:-1]) for _ in range(self.steps_per_epoch(len(sizes)))]
 
-    def epochs_of(self, task: Task, phase: str = ""):
-        """(description, batch as (source, index) pairs, sources) over all epochs of ``task``; the sources
-        are the old pools, then the task's own training examples."""
+    def epochs_of(self, task: Task, phase: str = "", budget: Budget | None = None):
+        """(description, batch as (source, index) pairs, sources) over all epochs of ``task``, or until
+        ``budget`` (default: the context's) is spent; the sources are the old pools, then the task's own
+        training examples."""
         sources = self.pools + [task.train]
-        for epoch in range(self.epochs):
-            description = f"{task.name}{phase} epoch {epoch + 1}/{self.epochs}"
+        for epoch in self.training_epochs(self.epochs, budget):
+            description = f"{task.name}{phase} epoch {epoch + 1}"
             plan = self.epoch_plan([len(s) for s in sources])
             for batch in self.context.progress(plan, description, total=len(plan)):
+                if self.budget_spent():
+                    break
                 yield description, batch, sources
 
     @staticmethod
@@ -203,6 +220,9 @@ class _ConPET(LanguageModelStrategy):
         answer = labels != IGNORE_INDEX
         return (nll * answer).sum(1) / answer.sum(1).clamp(min=1)
 
+    def examples_stored(self) -> int:
+        return sum(len(pool) for pool in self.pools)
+
     def get_extra_state(self):
         return {**super().get_extra_state(), "pools": [pool.state() for pool in self.pools]}
 
@@ -226,7 +246,7 @@ class ConPETStatic(_ConPET):
         for description, batch, sources in self.epochs_of(task):
             examples = self.gather(sources, batch)
             self.step(optimizer, self.answer_nll(examples).mean(), description, self.grad_clip)
-            self.samples_trained += len(examples)
+            self.count_step(len(examples))
             self.tokens_trained += self.count_tokens(examples)
 
 
@@ -323,25 +343,37 @@ class ConPETDynamic(_ConPET):
         self.train()
         self.lm.set_adapter(name)  # trainable; peft freezes every other adapter
         optimizer = self.make_optimizer(self.task_lr(t))  # one AdamW per task, shared by both phases
+        selector_budget, expert_budget = self.phase_budgets() if t >= 2 else (None, None)
         if t >= 2:
-            for description, batch, sources in self.epochs_of(task, " selector"):
+            for description, batch, sources in self.epochs_of(task, " selector", selector_budget):
                 examples = self.gather(sources, batch)
                 logits = self.selector_head(self.prompt_features(examples.prompts))
                 labels = torch.tensor([s for s, _ in batch], device=logits.device)
                 self.step(optimizer, F.cross_entropy(logits, labels), description, self.selector_grad_clip)
-                self.samples_trained += len(examples)
+                self.count_step(len(examples))
             self.ensure_adapter("selector")
             self.init_adapter("selector", name)
             self.selector_head.requires_grad_(False)
-        for description, batch, sources in self.epochs_of(task, " expert" if t >= 2 else ""):
+        for description, batch, sources in self.epochs_of(task, " expert" if t >= 2 else "", expert_budget):
             # top-1 with teacher forcing: only new-task examples reach the trainable expert
             new = [pair for pair in batch if pair[0] == t - 1]
             if not new:
                 continue
             examples = self.gather(sources, new)
             self.step(optimizer, self.answer_nll(examples).sum() / len(batch), description, self.grad_clip)
-            self.samples_trained += len(examples)
+            self.count_step(len(examples))  # the old slots are drawn but never forwarded
             self.tokens_trained += self.count_tokens(examples)
+
+    def phase_budgets(self) -> tuple[Budget | None, Budget | None]:
+        """(selector, expert) parts of a task's budget at t >= 2: the selector gets half, rounded down."""
+        budget = self.context.budget
+        if budget is None:
+            return None, None
+        if budget.steps_per_task is not None:
+            half = budget.steps_per_task // 2
+            return Budget(steps_per_task=half), Budget(steps_per_task=budget.steps_per_task - half)
+        half = budget.samples_per_task // 2
+        return Budget(samples_per_task=half), Budget(samples_per_task=budget.samples_per_task - half)
 
     def prompt_features(self, prompts: list[str]) -> torch.Tensor:
         """Last-layer hidden state (after the final norm) at each prompt's last token, through the active adapter."""

@@ -27,7 +27,10 @@ forking model code: each attention's fused ``qkv`` Linear (timm's ``Attention``)
 and the final norm) is per task, the class token pools (shared, no per-task scorer) and the base
 qkv bias is shared and frozen, so a task costs ``L·[3H(k²+1) + 3H + 4D] + 2D + (D·C_t + C_t)``.
 The backbone must be trainable (``model.frozen=false``). Defaults are the authors' settings;
-prediction costs T x 11 forward passes per image once T tasks are learnt.
+prediction costs T x 11 forward passes per image once T tasks are learnt. A batch steps both
+optimizers once and counts as one optimizer step; under a declared budget the warm-restart period
+T_0 is half the epochs the budget takes. No paper-versus-code switch: test-set model selection, the
+one place they differ, is not offered.
 
 Deviations from the authors' code:
 - Model selection never looks at test data: the last epoch is kept (the authors keep the epoch
@@ -305,12 +308,16 @@ class ConTraCon(Strategy):
         body = [p for p in self.parameters() if p.requires_grad and not any(p is h for h in head)]
         body_optimizer = torch.optim.AdamW(body, lr=self.lr, weight_decay=self.weight_decay)
         head_optimizer = torch.optim.SGD(head, lr=self.head_lr)
+        steps_per_epoch = max(1, math.ceil(len(task.train) / self.batch_size))
+        epochs = math.ceil(self.planned_steps(self.epochs, steps_per_epoch, self.batch_size) / steps_per_epoch)
         schedule = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-            body_optimizer, T_0=max(1, self.epochs // 2), eta_min=self.min_lr)
+            body_optimizer, T_0=max(1, epochs // 2), eta_min=self.min_lr)
         self.train()
-        for epoch in range(self.epochs):
-            description = f"{task.name} epoch {epoch + 1}/{self.epochs}"
+        for epoch in self.training_epochs(self.epochs):
+            description = f"{task.name} epoch {epoch + 1}"
             for inputs, targets in self.batches(task.train, self.batch_size, shuffle=True, description=description):
+                if self.budget_spent():
+                    break
                 logits = self.task_logits(self.backbone.prepare(inputs, self.device), t)
                 loss = F.cross_entropy(logits, local[targets], label_smoothing=self.label_smoothing)
                 self.check_finite(loss, description)
@@ -319,7 +326,7 @@ class ConTraCon(Strategy):
                 loss.backward()
                 body_optimizer.step()
                 head_optimizer.step()
-                self.samples_trained += len(targets)
+                self.count_step(len(targets))  # one step of both optimizers on one batch
             schedule.step()
 
     @torch.no_grad()

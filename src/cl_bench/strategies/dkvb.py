@@ -228,9 +228,11 @@ class DKVB(Strategy):
             self.fit_keys(self.feature_batches(self.key_init_features()))
         self.train()
         optimizer = self.make_optimizer()
-        for epoch in range(self.epochs):
-            description = f"{task.name} epoch {epoch + 1}/{self.epochs}"
+        for epoch in self.training_epochs(self.epochs):  # key fitting above is no optimizer step
+            description = f"{task.name} epoch {epoch + 1}"
             for inputs, targets in self.batches(task.train, self.batch_size, shuffle=True, description=description):
+                if self.budget_spent():
+                    break
                 loss = F.cross_entropy(self(inputs), targets, label_smoothing=self.label_smoothing)
                 self.check_finite(loss, description)
                 optimizer.zero_grad(set_to_none=True)
@@ -238,7 +240,7 @@ class DKVB(Strategy):
                 if self.grad_clip > 0:
                     nn.utils.clip_grad_norm_([self.values], self.grad_clip)
                 optimizer.step()
-                self.samples_trained += len(targets)
+                self.count_step(len(targets))
 
     @torch.no_grad()
     def predict(self, inputs) -> torch.Tensor:

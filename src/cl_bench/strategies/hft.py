@@ -41,7 +41,10 @@ Deliberate deviations and harness choices:
   function of (seed, stage) and is the same after a resume; it is also kept in the extra state.
 * ``resample=epoch`` (one third-party note describes per-epoch resampling) draws mask e of the stage as
   the e-th draw of that stage's generator (epoch 0 uses the stage mask) and builds a fresh AdamW each
-  epoch; ``resample=stage`` (default) keeps one mask and one optimizer for the whole task.
+  epoch; ``resample=stage`` (default) keeps one mask and one optimizer for the whole task. Either way a
+  declared budget (``budget.steps_per_task``/``samples_per_task``) covers the whole task, all its epochs.
+* The protocol card's trainable parameters of a stage are those of the stage's (first) mask: about half
+  of the decoder plus embeddings, lm_head and final norm, never the union of the stages.
 * The family trains with a constant learning rate and one ``epochs`` value for every task; TRACE's
   recipe (cosine schedule, per-task epochs 5,3,7,5,3,5,5,7) is approximated by the preset.
 * The ratio is fixed at 0.5: other ratios are not HFT (the re-implementation's ratio search is its own).
@@ -112,6 +115,8 @@ def draw_mask(num_layers: int, granularity: str, generator: torch.Generator) -> 
 
 class HFT(SeqFT):
     description = "Half Fine-Tuning: full fine-tuning of a fresh random half of the decoder per task"
+    # the paper's mask (category level) and one mask per stage (per-epoch masks: a third-party reading)
+    protocol_switches = {"granularity": "category", "resample": "stage"}
 
     def __init__(self, backbone, context, *, mask_seed: int | None = None, resample: str = "stage",
                  granularity: str = "category", **kwargs):
@@ -175,17 +180,14 @@ class HFT(SeqFT):
     def learn(self, task: Task) -> None:
         if self.mask_stage != task.index or self.mask_epoch != 0:
             self.begin_stage(task.index)
-        if self.resample == "stage":
-            return super().learn(task)  # one fresh AdamW over the trainable half, built after the mask
-        epochs = self.epochs
-        try:
-            self.epochs = 1  # the family's loop, one epoch at a time: a new mask and a new AdamW each
-            for epoch in range(epochs):
-                if epoch:
-                    self.apply_mask(self.stage_mask(task.index, epoch), task.index, epoch)
-                super().learn(task)
-        finally:
-            self.epochs = epochs
+        super().learn(task)  # one AdamW over the trainable half, built after the mask
+
+    def epoch_optimizer(self, epoch: int, optimizer):
+        """With ``resample=epoch``, from the second epoch on: a new mask and a fresh AdamW over its half."""
+        if self.resample == "stage" or epoch == 0:
+            return optimizer
+        self.apply_mask(self.stage_mask(self.mask_stage, epoch), self.mask_stage, epoch)
+        return self.make_optimizer()
 
     def get_extra_state(self):
         state = super().get_extra_state()

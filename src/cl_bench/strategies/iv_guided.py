@@ -37,8 +37,9 @@ Choices and deviations, all deliberate:
 * ℓ_edit (``edit_layer``): the released runs use 9 of Llama-2's 32 layers; ``edit_layer=-1`` (default)
   takes round(9·L/32) for an L-layer model.
 * ``progressive_intervention=true`` (off by default) adds γ_s·v_t at (ℓ_edit, p_b) in the main pass, γ_s
-  falling linearly from 1 to 0 over the task's steps: the v1/v3 papers' "progressive IV intervention",
-  absent from the released code; its schedule is an assumption.
+  falling linearly from 1 to 0 over the task's steps (a declared budget's steps when there is one): the
+  v1/v3 papers' "progressive IV intervention", absent from the released code; its schedule is an
+  assumption. The protocol card flags runs without it (``protocol_switches``: the paper's value is on).
 * KL terms are computed in float32; a prompt cut away entirely (answer fills max_length) uses p_b = 0.
 * Constant learning rate, plain PyTorch with gradient clipping (theirs: DeepSpeed ZeRO-2, bf16).
 """
@@ -90,6 +91,7 @@ def parse_heads(text: str) -> list[tuple[int, int]]:
 
 class IVGuided(LanguageModelStrategy):
     description = "IV/FV-guided training: per-task LoRA merged afterwards, FV-intervened KL + head consistency"
+    protocol_switches = {"progressive_intervention": True}  # the papers' method; off = the released code
 
     def __init__(self, backbone, context, *, lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.1,
                  lora_targets: str = "q_proj,v_proj", kl_alpha1: float = 20.0, kl_alpha2: float = 0.1,
@@ -250,8 +252,8 @@ class IVGuided(LanguageModelStrategy):
 
     def learn(self, task: Task) -> None:
         count, window = len(self.training_data(task)), 32 * self.batch_size
-        self._steps_total = self.epochs * sum(math.ceil(min(window, count - s) / self.batch_size)
-                                              for s in range(0, count, window))
+        steps_per_epoch = sum(math.ceil(min(window, count - s) / self.batch_size) for s in range(0, count, window))
+        self._steps_total = self.planned_steps(self.epochs, steps_per_epoch, self.batch_size)
         self._step = 0
         super().learn(task)
 
@@ -277,7 +279,8 @@ class IVGuided(LanguageModelStrategy):
         if self.pr_alpha:  # B: θ_{t-1}'s head outputs at p_b
             with self.reference_pass(), self.captured_heads(layers, rows, positions) as ref_heads:
                 self.lm(**inputs)
-        progressive = (self.added_vector(vector, rows, positions, 1 - self._step / max(1, self._steps_total))
+        gamma = max(0.0, 1 - self._step / max(1, self._steps_total))
+        progressive = (self.added_vector(vector, rows, positions, gamma)
                        if self.progressive_intervention else nullcontext())
         with self.captured_heads(layers, rows, positions) as heads, progressive, self.autocast():
             output = self.lm(**encoded)

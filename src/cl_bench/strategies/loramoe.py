@@ -147,6 +147,7 @@ def inject_loramoe(model: nn.Module, targets: list[str], state: LBCState, **opti
 
 class LoRAMoE(LanguageModelStrategy):
     description = "mixture of LoRA experts with routers in every FFN linear and the localized balancing constraint"
+    protocol_switches = {"lbc_form": "var_over_mean"}  # as the paper prints L_lbc; cv2 (the default) is the code
 
     def __init__(self, backbone, context, *, num_experts: int = 6, lora_r: int = 4, lora_alpha: float = 32.0,
                  lora_dropout: float = 0.05, blc_alpha: float = 0.1, blc_weight: float = 0.1,

@@ -28,6 +28,13 @@ score is softmax(z) + softmax((T+1) o) after T+1 tasks.
   snapshots < i) before every block of every evaluation forward, cumulatively, so scores depend on
   how many test batches came before; prototypes of tasks >= 1 are averaged with adapter dropout on.
 
+Protocol: the task's optimizer steps and samples are those of step 1 (adapter and head on the task's
+examples); a declared budget (``budget.steps_per_task``/``samples_per_task``) governs that training
+and the cosine schedule spans it. The classifier alignment of step 3 (``crct_epochs`` x C_seen
+head-only steps on sampled features, no example) is fixed post-processing: neither counted nor
+budgeted. ``legacy`` scores depend on the evaluation batches (``eval_batch_dependent``: the card
+records ``eval_batch_size``).
+
 Cost: evaluation computes adapter features only as needed. ``paper`` runs the first adapter on the
 batch (prototype branch), then runs an adapter only on the samples the retrieval routes to it, each
 (sample, adapter) feature at most once: at most ``max_iter`` head evaluations and one feature pass
@@ -110,6 +117,8 @@ class MOS(ClassifierStrategy):
     description = ("MOS (AAAI'25): per-task adapters with merging (adapter_merge=paper|legacy), Gaussian "
                    "classifier alignment, self-refined adapter retrieval")
     # one 8x8 patch per digit: a random-init ViT's CLS token then sees the whole image
+    protocol_switches = {"adapter_merge": "paper"}  # legacy: the authors' code behind the published numbers
+    eval_batch_dependent = True  # adapter_merge=legacy drifts the stored adapters with every test batch
     smoke_args = ("scenario=digits", "model=vit_tiny_test", "model.image_size=8", "model.patch_size=8",
                   "strategy.augment=false", "strategy.batch_size=16", "strategy.lr=0.1", "strategy.crct_epochs=3")
 
@@ -235,13 +244,16 @@ class MOS(ClassifierStrategy):
         legacy_pull = merge_target if self.adapter_merge == "legacy" else None
         old_classes = self.class_task != len(self.snapshots)
         optimizer = self.make_optimizer()
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(self.epochs, 1),
-                                                               eta_min=self.min_lr)
-        for epoch in range(self.epochs):
+        steps_per_epoch = max(1, math.ceil(len(task.train) / self.batch_size))
+        epochs = math.ceil(self.planned_steps(self.epochs, steps_per_epoch, self.batch_size) / steps_per_epoch)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1), eta_min=self.min_lr)
+        for epoch in self.training_epochs(self.epochs):
             self.train()
             self.backbone.eval()
-            description = f"{task.name} epoch {epoch + 1}/{self.epochs}"
+            description = f"{task.name} epoch {epoch + 1}"
             for inputs, targets in self.batches(task.train, self.batch_size, shuffle=True, description=description):
+                if self.budget_spent():
+                    break
                 features = self._features(self._prepare(inputs, augment=True), self.current, legacy_pull)
                 logits = self.head(features).masked_fill(old_classes, -math.inf)
                 loss = F.cross_entropy(logits, targets) + self.sim_weight * self.similarity_loss(features)
@@ -251,7 +263,7 @@ class MOS(ClassifierStrategy):
                 optimizer.step()
                 if merge_target is not None:
                     self._pull(self.current, merge_target)
-                self.samples_trained += len(targets)
+                self.count_step(len(targets))
             scheduler.step()
 
     @torch.no_grad()

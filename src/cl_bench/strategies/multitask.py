@@ -17,6 +17,9 @@ class Multitask(LoRAStrategy):
         self.seen = task.train if self.seen is None else self.seen.concat(task.train)
         return self.seen
 
+    def examples_stored(self) -> int:
+        return 0 if self.seen is None else len(self.seen)
+
     def get_extra_state(self):
         state = super().get_extra_state()
         if self.seen is not None:

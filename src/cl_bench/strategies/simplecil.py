@@ -4,6 +4,10 @@ Generalizability and Adaptivity are All You Need", arXiv:2303.07338, Sec. 4).
 The pretrained backbone is never trained. After each task the prototype of every new class is
 the mean embedding of its training samples; prediction is the cosine similarity between an
 embedding and each prototype (the prototype classifier the paper builds on a frozen encoder).
+
+Training-free: no optimizer step, so nothing for a budget to cut (a run with one fails saying so);
+``samples_trained`` counts the examples averaged into prototypes. Prototypes are class means, not
+stored examples (``examples_stored`` is 0).
 """
 import torch
 import torch.nn.functional as F
@@ -13,6 +17,8 @@ from cl_bench.strategies.base import Strategy
 
 class SimpleCIL(Strategy):
     description = "prototype (class-mean) cosine classifier on a frozen pretrained backbone"
+    honours_budget = False
+    no_budget = "it is training-free (no optimizer steps); its prototypes average every training example of a task"
 
     def __init__(self, backbone, context, *, batch_size: int = 256):
         super().__init__(backbone, context)
