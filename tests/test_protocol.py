@@ -69,10 +69,11 @@ def test_conpet_static_counts_dynamic_replay_steps_and_full_history(tmp_path):
             "strategy.batch_size=4", "strategy.batch_limit=5", "strategy.lr=0.005")
     summary = run(config(tmp_path, *args))
     assert counts(summary) == ([12, 4, 4], [48, 16, 16], [48, 96, 144])
-    assert summary["protocol"]["switches"] == {"batch_limit_policy": "constant", "memory": "full_history"}
+    assert summary["protocol"]["switches"] == {"batch_limit_policy": {"value": "constant", "paper": "constant"},
+                                               "memory": {"value": "full_history", "paper": "full_history"}}
     summary = run(config(tmp_path, *args, "strategy.batch_limit_policy=linear"))
     assert counts(summary) == ([12, 8, 12], [48, 32, 48], [48, 96, 144])
-    assert summary["protocol"]["switches"]["batch_limit_policy"] == "linear"
+    assert summary["protocol"]["switches"]["batch_limit_policy"] == {"value": "linear", "paper": "constant"}
 
 
 def test_hft_budget_spans_the_task_and_a_stage_trains_half(tmp_path):
@@ -82,7 +83,8 @@ def test_hft_budget_spans_the_task_and_a_stage_trains_half(tmp_path):
                          "strategy.batch_size=4", "strategy.resample=epoch", "budget.steps_per_task=15"))
     assert counts(summary) == ([15] * 3, [60] * 3, [0] * 3)
     card = summary["protocol"]
-    assert card["switches"] == {"granularity": "category", "resample": "epoch"}
+    assert card["switches"] == {"granularity": {"value": "category", "paper": "category"},
+                                "resample": {"value": "epoch", "paper": "stage"}}
     # a stage's mask freezes 82,176 parameters of the tiny LLaMA (tests/test_hft.py: half of the 4 layers'
     # attention+FFN and one of two norms per layer); the union over stages would be every parameter
     total = summary["per_task"][0]["total_params"]
@@ -147,7 +149,8 @@ def test_declared_switches_are_constructor_keys(name):
 def test_batch_dependent_evaluation_records_the_eval_batch_size(tmp_path):
     summary = run(config(tmp_path, *STRATEGIES.get("mos").smoke_args, "strategy=mos", "strategy.adapter_merge=legacy",
                          "strategy.epochs=1", "eval_batch_size=50"))
-    assert summary["protocol"]["switches"] == {"adapter_merge": "legacy", "eval_batch_size": 50}
+    assert summary["protocol"]["switches"] == {"adapter_merge": {"value": "legacy", "paper": "paper"},
+                                               "eval_batch_size": {"value": 50, "paper": None}}
 
 
 # --- bad budgets ----------------------------------------------------------------------------------
