@@ -163,11 +163,24 @@ def test_test_time_allocation_by_instruction_and_fallback_to_the_latest_group():
     for task in (colour, shape, size):
         model.before_task(task)
     model.predict(shape.test.prompts[:2], 1)
-    assert model.test_group == 1
+    assert model.test_groups == [1, 1]
     model.predict(colour.test.prompts[:2], 1)
-    assert model.test_group == 0
+    assert model.test_groups == [0, 0]
     model.predict(["Twice: ab\nAnswer:", "Twice: cd\nAnswer:"], 1)  # unseen instruction
-    assert model.test_group == 2
+    assert model.test_groups == [2, 2]
+
+
+def test_each_prompt_of_a_mixed_batch_picks_its_own_group():
+    colour, shape, size = toy_tasks()
+    model = strategy(epochs=1)
+    for task in (colour, shape, size):
+        model.before_task(task)
+        model.learn(task)
+    mixed = [shape.test.prompts[0], colour.test.prompts[0], "Twice: ab\nAnswer:", shape.test.prompts[1]]
+    limits = [3, 5, 2, 4]
+    together = model.predict(mixed, limits)
+    assert model.test_groups == [1, 0, 2, 1]
+    assert together == [model.predict([prompt], limit)[0] for prompt, limit in zip(mixed, limits)]
 
 
 def test_dema_on_a_reused_group_ends_with_the_ema_and_leaves_the_base_alone(monkeypatch):

@@ -84,7 +84,7 @@ def test_kill_9_at_random_points_then_rerun_gives_the_same_matrix(tmp_path, refe
 # task 2's summary and checkpoint are written, until a signal arrives: Ctrl-C then lands at a known
 # point however loaded the machine is, instead of racing a run that may finish first.
 PAUSE_PLUGIN = """
-import signal, sys
+import signal
 from cl_bench.registry import STRATEGIES
 
 er = STRATEGIES.get("er")
@@ -92,8 +92,13 @@ before_task = er.before_task
 
 def pause_before_task_3(self, task):
     if task.index == 2:
+        # SIGINT is held back from the moment the line is printed until sigwait takes it: no window
+        # where it arrives before the wait begins
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         print("paused before task 3", flush=True)
-        signal.pause()
+        signal.sigwait({signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        raise KeyboardInterrupt
     before_task(self, task)
 
 er.before_task = pause_before_task_3

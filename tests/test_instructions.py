@@ -1,6 +1,5 @@
 """Instruction streams: scorers, the language-model wrapper, the LM baselines end to end, general
 suites, token rates, resume and the offline stream."""
-import json
 
 import numpy as np
 import pytest
@@ -84,6 +83,18 @@ def test_batched_generation_equals_one_by_one():
     alone = [lm.generate([p], max_new_tokens=6, batch_size=1, device="cpu")[0][0] for p in prompts]
     assert together == alone
     assert count <= 6 * len(prompts)
+
+
+def test_generation_limits_per_prompt_give_each_text_its_own_limit():
+    lm = tiny_llama("text", (), init_seed=3)
+    prompts = ["a", "a much longer prompt here", "mid size", "zz", "b"]
+    limits = [2, 7, 4, 7, 1]
+    together, count = lm.generate(prompts, max_new_tokens=limits, batch_size=2, device="cpu")
+    alone = [lm.generate([p], max_new_tokens=n, batch_size=1, device="cpu") for p, n in zip(prompts, limits)]
+    assert together == [text for (text,), _ in alone]
+    assert count == sum(n for _, n in alone)
+    with pytest.raises(ValueError, match="2 max_new_tokens limits for 5 prompts"):
+        lm.generate(prompts, max_new_tokens=[1, 2], batch_size=2, device="cpu")
 
 
 def test_language_model_strategies_refuse_class_streams(tmp_path):

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from cl_bench import leaderboard, metrics
+from cl_bench import leaderboard
 from cl_bench.config import compose
 from cl_bench.errors import UserError
 from cl_bench.runner import run

@@ -1,4 +1,4 @@
-"""The task loop: train task by task, score every seen task after each, flush, resume.
+"""The task loop: train task by task, score every seen task after each (``evaluation.py``), flush, resume.
 
 Results of a run live in ``<results_dir>/runs/<run_id>/``: ``config.yaml``, ``scores.csv`` (sum and
 count per (after_task, eval_task)), ``summary.json`` (metrics, costs, provenance, status) and
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import pickle
 import random
 import time
@@ -22,10 +21,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cl_bench import metrics, outside_data, protocol, scorers
+from cl_bench import metrics, outside_data, protocol
 from cl_bench._io import atomic_write_text, atomic_torch_save, provenance
 from cl_bench.config import config_hash, run_id
 from cl_bench.errors import UserError
+from cl_bench.evaluation import score_general, score_tasks
 from cl_bench.locking import run_lock
 from cl_bench.models.backbone import FeatureCache, VectorBackbone
 from cl_bench.models.factory import create_backbone
@@ -92,35 +92,6 @@ def build_strategy(cfg: DictConfig, stream: Stream, context: Context, progress) 
         backbone = VectorBackbone(torch.nn.Identity(), backbone.out_dim, preprocessing={"cached_features": True})
     strategy = strategy_class(backbone, context, **settings).to(context.device)
     return strategy, stream, info
-
-
-def evaluate_instructions(strategy: Strategy, task) -> tuple[float, int]:
-    """(summed per-example scores, examples) on ``task.test``: greedy generations scored by the task's scorer."""
-    predictions = strategy.predict(task.test.prompts, task.max_new_tokens)
-    scores = scorers.score(task.scorer, predictions, task.test.references, task.test.prompts)
-    return float(scores.sum()), len(scores)
-
-
-@torch.no_grad()
-def evaluate(strategy: Strategy, task, num_classes: int, eval_mode: str, batch_size: int) -> tuple[float, int]:
-    """(correct predictions, samples) on ``task.test``. Classes the strategy has no logit for yet
-    get the lowest score; ``til`` masks logits to the task's own classes."""
-    strategy.eval()
-    correct, device = 0, strategy.device
-    allowed = None
-    if eval_mode == "til":
-        allowed = torch.zeros(num_classes, dtype=torch.bool, device=device)
-        allowed[list(task.classes)] = True
-    batches = strategy.batches(task.test, batch_size, shuffle=False, description=f"eval {task.name}")
-    for inputs, targets in batches:
-        logits = strategy.predict(inputs).float()
-        if logits.shape[1] < num_classes:
-            pad = logits.new_full((logits.shape[0], num_classes - logits.shape[1]), torch.finfo(logits.dtype).min)
-            logits = torch.cat([logits, pad], dim=1)
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, -math.inf)
-        correct += int((logits.argmax(1) == targets).sum())
-    return float(correct), len(task.test)
 
 
 class Run:
@@ -248,10 +219,11 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
             summary["scores_sha256"] = record.write_scores(sums, counts)
             atomic_write_text(record.summary_path, json.dumps(summary, indent=1, default=str))
 
+        scoring = dict(eval_mode=cfg.eval_mode, batch_size=cfg.eval_batch_size, seed=cfg.seed)
         try:
             if start_task == 0:
                 if cfg.eval_unseen:
-                    score_tasks(strategy, stream, 0, range(T), sums, counts, cfg)
+                    score_tasks(strategy, stream, 0, range(T), sums, counts, **scoring)
                 score_general(strategy, stream, 0, general_sums, general_counts)
             for t in range(start_task, T):
                 task = stream.tasks[t]
@@ -266,7 +238,7 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
                 trained = time.perf_counter() - began
                 began = time.perf_counter()
                 scored = range(T) if cfg.eval_unseen else range(t + 1)
-                score_tasks(strategy, stream, t + 1, scored, sums, counts, cfg)
+                score_tasks(strategy, stream, t + 1, scored, sums, counts, **scoring)
                 score_general(strategy, stream, t + 1, general_sums, general_counts)
                 tokens = {k: v - tokens_before[k] for k, v in token_counters(strategy).items()}
                 summary["per_task"].append({
@@ -302,21 +274,6 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
 
 class RunFailed(Exception):
     """A run stopped itself (e.g. a non-finite loss); its partial results are on disk."""
-
-
-def score_tasks(strategy, stream, row, columns, sums, counts, cfg) -> None:
-    for j in columns:
-        if stream.kind == "instructions":
-            sums[row, j], counts[row, j] = evaluate_instructions(strategy, stream.tasks[j])
-        else:
-            sums[row, j], counts[row, j] = evaluate(strategy, stream.tasks[j], stream.num_classes,
-                                                    cfg.eval_mode, cfg.eval_batch_size)
-
-
-def score_general(strategy, stream, row, sums, counts) -> None:
-    """Held-out general suites (instruction streams): general-ability retention."""
-    for g, suite in enumerate(stream.general):
-        sums[row, g], counts[row, g] = evaluate_instructions(strategy, suite)
 
 
 TOKEN_COUNTERS = ("tokens_trained", "tokens_generated", "generation_seconds")

@@ -8,10 +8,12 @@ batched greedy generation with the KV cache, sorted by prompt length so padding 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -88,23 +90,26 @@ class LanguageModel(nn.Module):
         return ids, mask
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], *, max_new_tokens: int, batch_size: int, device,
+    def generate(self, prompts: list[str], *, max_new_tokens: int | Sequence[int], batch_size: int, device,
                  progress=None) -> tuple[list[str], int]:
         """Greedy continuations of ``prompts`` (in their order) and the number of tokens generated.
-        Prompts are sorted by length and left-padded per batch; the KV cache is used."""
-        ids = self.prompt_ids(prompts)
-        limit = max(1, self.max_length - max_new_tokens)
-        ids = [p[-limit:] for p in ids]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        ``max_new_tokens`` is one limit for every prompt or one per prompt. Prompts are grouped by limit,
+        sorted by length and left-padded per batch, so each text is what its own limit gives; the KV
+        cache is used."""
+        limits = token_limits(max_new_tokens, len(prompts))
+        ids = [p[-max(1, self.max_length - limit):] for p, limit in zip(self.prompt_ids(prompts), limits)]
+        order = sorted(range(len(ids)), key=lambda i: (limits[i], len(ids[i])))
+        chunks = []
+        for limit, group in itertools.groupby(order, key=limits.__getitem__):
+            group = list(group)
+            chunks += [(limit, group[i:i + batch_size]) for i in range(0, len(group), batch_size)]
         outputs: list[str] = [""] * len(ids)
         generated = 0
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        starts = range(0, len(order), batch_size)
-        for start in (progress(starts, total=len(starts)) if progress else starts):
-            chunk = order[start:start + batch_size]
+        for limit, chunk in (progress(chunks, total=len(chunks)) if progress else chunks):
             input_ids, attention_mask = self.left_padded([ids[i] for i in chunk], device)
             result = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                                         max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                                         max_new_tokens=limit, pad_token_id=pad, eos_token_id=eos,
                                          use_cache=True, num_beams=1, temperature=None, top_p=None, top_k=None)
             new = result[:, input_ids.shape[1]:]
             for row, index in zip(new, chunk):
@@ -120,6 +125,16 @@ def pretrained(model: LanguageModel) -> LanguageModel:
     """Mark a model loaded with trained weights: the runner lists its source as outside data."""
     model.pretrained_source = model.preprocessing["source"]
     return model
+
+
+def token_limits(max_new_tokens: int | Sequence[int], count: int) -> list[int]:
+    """One generation limit per prompt: ``max_new_tokens`` repeated, or the sequence given (one each)."""
+    if not isinstance(max_new_tokens, (list, tuple)):
+        return [int(max_new_tokens)] * count
+    limits = [int(limit) for limit in max_new_tokens]
+    if len(limits) != count:
+        raise ValueError(f"{len(limits)} max_new_tokens limits for {count} prompts")
+    return limits
 
 
 def _check_text(name: str, input_kind: str) -> None:

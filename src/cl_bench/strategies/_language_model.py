@@ -5,7 +5,8 @@ A training step is ``loss(batch, task)`` (next-token cross-entropy on the answer
 clip over the trainable tensors, an AdamW step, then ``after_optimizer_step()``; methods override
 the piece they change. Batches are grouped by length (shuffled, then sorted inside windows of 32
 batches) so padding stays small without a per-example loop. ``predict(prompts, max_new_tokens)``
-returns generated strings; the runner scores them with the task's scorer.
+returns generated strings, one limit for all prompts or one per prompt (an evaluation batch mixes
+tasks with different limits); the runner scores them with each task's scorer.
 """
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ class LanguageModelStrategy(Strategy):
         return sum(min(len(i) + 1, self.backbone.max_length) for i in ids)
 
     @torch.no_grad()
-    def predict(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+    def predict(self, prompts: list[str], max_new_tokens: int | list[int]) -> list[str]:
         self.eval()
         began = time.perf_counter()
         with self.autocast():

@@ -34,7 +34,10 @@ Deviations, all deliberate:
   instruction of a prompt is the codebook template it was rendered from (placeholders ``{...}`` match
   any text; a template without placeholders must occur in the prompt; the longest literal match wins),
   and a prompt that matches none is its own instruction. This is the analog of LoRASelect reading the
-  instruction line of the test file. One group answers each ``predict`` call (one evaluated task).
+  instruction line of the test file. LoRASelect picks one group per test file (one task); here every
+  prompt picks its own group from its own instruction (U = {that instruction}), because an evaluation
+  batch mixes tasks and must not tell which task it holds. With one template per task both give the
+  same group.
 * The released scripts hard-code the group outcome and the DEMA switch; here the similarity decision
   drives both. ``dema=auto`` (default) is their rule, DEMA only when a group is reused;
   ``dema=always`` / ``dema=never`` are labelled alternatives.
@@ -52,6 +55,7 @@ import re
 import torch
 
 from cl_bench.errors import UserError
+from cl_bench.models.lm import token_limits
 from cl_bench.scenarios.base import Task
 from cl_bench.strategies._language_model import LanguageModelStrategy, add_lora
 
@@ -203,7 +207,7 @@ class CoINEMA(LanguageModelStrategy):
         self.task_groups: list[int] = []  # the group each trained task used
         self.dema_log: list[dict] = []  # per task: group, reused, dema, updates, fallbacks
         self.ema: DynamicEMA | None = None
-        self.test_group: int | None = None  # the group chosen by the last predict call
+        self.test_groups: list[int] = []  # the group of each prompt of the last predict call
         self._dema_parameters: list = []
 
     # groups
@@ -263,17 +267,24 @@ class CoINEMA(LanguageModelStrategy):
         return sum(entry["fallbacks"] for entry in self.dema_log) / updates if updates else None
 
     # test time
-    def group_for(self, prompts: list[str]) -> int:
-        templates = [t for book in self.codebooks for t in book]
-        current = list(dict.fromkeys(prompt_instruction(p, templates) for p in prompts))
-        chosen = choose_group(current, self.codebooks, self.threshold)
+    def group_for(self, prompt: str, templates: list[str]) -> int:
+        """The group answering ``prompt``: by its own instruction's similarity, else the newest group."""
+        chosen = choose_group([prompt_instruction(prompt, templates)], self.codebooks, self.threshold)
         return len(self.codebooks) - 1 if chosen is None else chosen
 
-    def predict(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        if self.codebooks:
-            self.test_group = self.group_for(list(prompts))
-            self.activate(self.test_group, train=False)
-        return super().predict(prompts, max_new_tokens)
+    def predict(self, prompts: list[str], max_new_tokens: int | list[int]) -> list[str]:
+        if not self.codebooks:
+            return super().predict(prompts, max_new_tokens)
+        templates = [t for book in self.codebooks for t in book]
+        self.test_groups = [self.group_for(p, templates) for p in prompts]
+        limits = token_limits(max_new_tokens, len(prompts))
+        outputs = [""] * len(prompts)
+        for group in sorted(set(self.test_groups)):
+            rows = [i for i, g in enumerate(self.test_groups) if g == group]
+            self.activate(group, train=False)
+            for row, text in zip(rows, super().predict([prompts[i] for i in rows], [limits[i] for i in rows])):
+                outputs[row] = text
+        return outputs
 
     # checkpoints: groups created after construction are re-created before their tensors load
     def get_extra_state(self):

@@ -34,9 +34,9 @@ are trained first with ``CE(H_sel(h(x)), task(x))`` on dynamic-replay batches, w
 of 1.0 (``selector_grad_clip``); the LoRA is then copied into the frozen ``selector`` adapter, H_sel is
 frozen, and the same LoRA tensors train on as expert t with the same AdamW (its moments carry over;
 no clipping in this loop, like the authors' expert loop). Old experts are never in an optimizer and
-stay bit-identical; the base LM stays frozen. Inference: the selector's top-1 task picks the expert
-that generates (expert 1 while it is the only one), so each prompt costs one selector pass plus one
-expert's generation whatever t.
+stay bit-identical; the base LM stays frozen. Inference: the selector's top-1 task of each prompt,
+on its own, picks the expert that generates it (expert 1 while it is the only one), so each prompt
+costs one selector pass plus one expert's generation whatever t, whatever else shares its batch.
 
 Budget (equal-budget policy). Under a declared budget (``budget.steps_per_task`` or ``samples_per_task``)
 every task trains exactly that many optimizer steps (examples) whatever t, in as many epochs as it
@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cl_bench.errors import UserError
-from cl_bench.models.lm import IGNORE_INDEX
+from cl_bench.models.lm import IGNORE_INDEX, token_limits
 from cl_bench.scenarios.base import Examples, Task
 from cl_bench.strategies._helpers import IncrementalLinear
 from cl_bench.strategies._language_model import LanguageModelStrategy, add_lora
@@ -401,14 +401,16 @@ class ConPETDynamic(_ConPET):
             chosen += self.selector_head(features).argmax(1).tolist()
         return chosen
 
-    def predict(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+    def predict(self, prompts: list[str], max_new_tokens: int | list[int]) -> list[str]:
         began = time.perf_counter()
         chosen = self.select_experts(list(prompts))
         self.generation_seconds += time.perf_counter() - began  # routing is part of the inference cost
+        limits = token_limits(max_new_tokens, len(chosen))
         outputs = [""] * len(chosen)
         for expert in sorted(set(chosen)):
             rows = [i for i, c in enumerate(chosen) if c == expert]
             self.lm.set_adapter(f"expert_{expert + 1}", inference_mode=True)
-            for row, text in zip(rows, super().predict([prompts[i] for i in rows], max_new_tokens)):
+            texts = super().predict([prompts[i] for i in rows], [limits[i] for i in rows])
+            for row, text in zip(rows, texts):
                 outputs[row] = text
         return outputs

@@ -38,7 +38,9 @@ Deviations from the authors' code:
 - No training-time augmentation (crop, flip, rotation, AutoAugment): the harness feeds raw images.
 - The six identical original views are one forward pass weighted 6/16 (the same average); views
   are built on the raw image before the backbone's resize. ``views=gaussian`` is the authors' rule
-  for MNIST-like data (5-Datasets); they pick it per task, here it is one setting for the run.
+  for MNIST-like data (5-Datasets); they pick it per task, here it is one setting for the run. Its
+  noise comes from one seeded generator per batch, so an image's noisy views depend on its place in
+  its evaluation batch (never on which tasks share the batch); the task is chosen per image.
 - One gate per (projection, head) — the authors hard-code 4 gates, their head count; head width is
   D/H (theirs is fixed at 64, equal to D/H in all their configs). Dilation > 1 (broken in their code)
   and the optional tokenizer split are not implemented; the source task is always task 0, as in

@@ -51,8 +51,9 @@ batched random-resized-crop (scale 0.05-1, ratio 3/4-4/3) + horizontal flip of t
 (images only; the authors crop the raw image, then resize). The backbone itself stays in eval mode
 (the authors' ViT has no dropout; MiniLM's 0.1 dropouts stay off). Features are the backbone's own
 (a timm ViT's CLS token after the final norm as in the paper; mean pooling for text encoders).
-Evaluation batches follow the runner (one task's test set at a time, ``eval_batch_size``), which
-changes the amount of ``legacy`` drift. Gaussian sampling draws from the run's generator, with
+Retrieval is per sample (``paper``: nothing depends on the rest of the batch). Evaluation batches
+follow the runner (under ``eval_mode=cil`` they mix the seen tasks, ``eval_batch_size`` each; the
+authors evaluate one task's test set at a time), which changes the amount of ``legacy`` drift. Gaussian sampling draws from the run's generator, with
 Cholesky factors computed in float64. ``predict`` returns the ensemble score (a sum of two
 softmaxes), not logits, when ``ensemble`` is on.
 """
