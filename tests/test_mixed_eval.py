@@ -173,3 +173,28 @@ def test_routing_strategies_run_end_to_end_on_mixed_batches(tmp_path, name, extr
     assert summary["protocol"]["eval_batches"] == "mixed"
     saved = json.loads((runner.Run(cfg).directory / "summary.json").read_text())
     assert saved["metrics"] == summary["metrics"]
+
+
+class NeedsTaskAtTest(ClassifierStrategy):
+    """A strategy that declares it must be told the task at test time (a task-incremental method)."""
+
+    needs_task_at_test = True
+
+
+def test_a_strategy_that_needs_the_task_at_test_runs_only_under_til(tmp_path, capsys):
+    from cl_bench.cli import main
+
+    STRATEGIES.register("needs_task_at_test", NeedsTaskAtTest)
+    try:
+        common = ["strategy=needs_task_at_test", "scenario=toy", "progress=false", f"results_dir={tmp_path}"]
+        assert main(["run", *common]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and "needs the task identity at test time" in error
+        assert not (tmp_path / "runs").exists()
+        assert main(["run", *common, "eval_mode=til"]) == 0
+        (directory,) = (tmp_path / "runs").iterdir()
+        card = json.loads((directory / "summary.json").read_text())["protocol"]
+        assert card["task_identity_test"] == "given" and card["eval_batches"] == "per_task"
+    finally:
+        STRATEGIES._entries.pop("needs_task_at_test")
+        STRATEGIES._origins.pop("needs_task_at_test")
