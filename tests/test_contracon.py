@@ -278,3 +278,23 @@ def test_runs_in_the_harness_with_its_smoke_settings(tmp_path):
     per_task = L * (3 * H * (k * k + 1) + 3 * H + 4 * D) + (D + 1) + (D * C + C)
     counts = summary["cost"]["trainable_params_per_task"]
     assert counts[1:] == [per_task] * 4 and counts[0] > 10 * per_task
+
+
+def test_authors_training_augmentation_changes_the_images_and_keeps_runs_reproducible(tmp_path):
+    from cl_bench.strategies.contracon import authors_augmentation
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    augment = authors_augmentation(8)
+    augmented = torch.stack([augment(image) for image in images])
+    assert augmented.shape == images.shape and augmented.dtype == torch.uint8
+    assert (augmented != images).flatten(1).any(1).float().mean() > 0.9  # nearly every image is changed
+    with pytest.raises(UserError, match="train_augment"):
+        ConTraCon(tiny_cct(), Context(), train_augment="mixup")
+    common = [*ConTraCon.smoke_args, "strategy=contracon", "strategy.epochs=2", "progress=false",
+              f"cache_dir={tmp_path}/cache", "scenario.increment=5"]
+    raw = run(compose([*common, f"results_dir={tmp_path}/raw"]))
+    twice = [run(compose([*common, "strategy.train_augment=authors", f"results_dir={tmp_path}/{name}"]))
+             for name in ("a", "b")]
+    assert twice[0]["scores_sha256"] == twice[1]["scores_sha256"] != raw["scores_sha256"]
+    assert raw["protocol"]["switches"]["train_augment"] == {"value": "none", "paper": "authors"}
