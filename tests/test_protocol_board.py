@@ -322,3 +322,17 @@ def test_the_card_lists_pretrained_weights_as_outside_data(tmp_path):
     [weights] = extra_data(cfg, stream, strategy, info)
     assert weights == {"role": "pretrained_weights", "source": strategy.backbone.pretrained_source,
                        "data_hash": weights_digest(strategy.backbone)}
+
+
+def test_a_run_scored_on_a_validation_split_never_reads_the_test_set_and_is_flagged(tmp_path):
+    settings = ["scenario=digits", "scenario.validation_fraction=0.25"]
+    held_out, plain = build_stream(compose(settings)), build_stream(compose(["scenario=digits"]))
+    test_rows = {tuple(row.flatten().tolist()) for task in plain.tasks for row in task.test.inputs}
+    for task, full in zip(held_out.tasks, plain.tasks):
+        scored = {tuple(row.flatten().tolist()) for row in task.test.inputs}
+        trained = {tuple(row.flatten().tolist()) for row in task.train.inputs}
+        assert len(task.test) + len(task.train) == len(full.train)  # both come from the training data
+        assert not scored & trained and not scored & test_rows  # digits has no duplicate rows across these
+    summary = run(compose([*settings, "strategy=finetune", "progress=false", f"results_dir={tmp_path}"]))
+    assert summary["protocol"]["scored_split"] == "validation: 0.25 of the training data, seed 0"
+    assert table_flags([[card()], [card(scored_split=summary["protocol"]["scored_split"])]]) == [[], ["validation split"]]

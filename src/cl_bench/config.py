@@ -51,7 +51,8 @@ NOT_HASHED = ("results_dir", "resume", "progress", "plugins", "cache_dir", "devi
 CHOICES = {"eval_mode": ("cil", "til"), "device": None}
 # Keys added after runs were first published: hashed only when they differ from these defaults, so
 # the run ids of configurations that do not use them stay what they were.
-HASHED_WHEN_SET = {"budget": BASE["budget"], "allow_stream_data": False}
+HASHED_WHEN_SET = {"budget": BASE["budget"], "allow_stream_data": False,
+                   "scenario.validation_fraction": None, "scenario.validation_seed": 0}
 BUDGET_KEYS = tuple(BASE["budget"])
 
 
@@ -270,8 +271,10 @@ def config_hash(cfg: DictConfig, with_seed: bool = True, with_strategy: bool = T
     for key in NOT_HASHED + (() if with_seed else ("seed",)) + (() if with_strategy else ("strategy",)):
         data.pop(key, None)
     for key, default in HASHED_WHEN_SET.items():
-        if data.get(key) == default:
-            data.pop(key)
+        group, _, name = key.rpartition(".")
+        section = data.get(group, {}) if group else data
+        if name in section and section[name] == default:
+            section.pop(name)
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -101,6 +101,7 @@ def card(cfg, stream, strategy, per_task: list[dict], info: dict, memory: PeakMe
         "task_identity_train": type(strategy).task_identity_train,
         "task_identity_test": "given" if cfg.eval_mode == "til" else "none",
         "eval_batches": "per_task" if cfg.eval_mode == "til" else "mixed",
+        "scored_split": stream.provenance.get("scored_split", "test"),
         "extra_data": extra_data(cfg, stream, strategy, info),
         "allow_stream_data": bool(cfg.allow_stream_data),
         "switches": switches(cfg, strategy),

@@ -35,6 +35,7 @@ FLAG_RULES = {
     "extra data": "uses outside data that not every row of the table uses (pretrained weights all share are not flagged)",
     "task id at test": "evaluated with the task identity given (eval_mode=til)",
     "allow_stream_data": "its outside data was allowed to overlap the stream",
+    "validation split": "scored on data held out of the training set (scenario.validation_fraction), not the test set",
     "key=value": "a setting away from the paper's value (the strategy's protocol_switches)",
     "seeds differ": "its seeds' protocol cards disagree on the columns named",
 }
@@ -119,6 +120,8 @@ def table_flags(rows: list[list[dict]]) -> list[list[str]]:
             flags.append("task id at test")
         if any(c["allow_stream_data"] for c in cards):
             flags.append("allow_stream_data")
+        if any(c.get("scored_split", "test") != "test" for c in cards):
+            flags.append("validation split")
         flags += sorted({f"{key}={s['value']}" for c in cards for key, s in c["switches"].items()
                          if s["paper"] is not None and s["value"] != s["paper"]})
         differ = [column for column in TEXT_COLUMNS if len({text_value(c, column) for c in cards}) > 1]
@@ -131,6 +134,7 @@ def table_flags(rows: list[list[dict]]) -> list[list[str]]:
 # how each kind of flag begins (a flag that begins with none of these is a switch, ``key=value``)
 FLAG_PREFIXES = {"budget x": "budget xR", "steps x": "steps xR", "stores ": "stores N ex", "extra data:": "extra data",
                  "task id at test": "task id at test", "allow_stream_data": "allow_stream_data",
+                 "validation split": "validation split",
                  "seeds differ:": "seeds differ"}
 
 

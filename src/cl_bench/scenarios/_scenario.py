@@ -23,13 +23,20 @@ class ClassIncrementalScenario(Scenario):
     """A labelled dataset cut into B{init}-Inc{increment} tasks (see ``base.split_sizes``).
 
     Subclasses implement ``load()`` returning ``(train, test, class_names, provenance)``.
+    ``validation_fraction=F`` scores on a stratified fraction F of the training data held out with
+    ``validation_seed`` instead of the test set, which is then never read: for choosing settings
+    without looking at test data (the provenance says which split was scored).
     """
 
     input_kind = "image"
 
     def __init__(self, *, init: int = 0, increment: int = 2, order_seed: int | None = 1993,
                  remainder: str = "error", max_per_class: int | None = None,
-                 max_test_per_class: int | None = None):
+                 max_test_per_class: int | None = None, validation_fraction: float | None = None,
+                 validation_seed: int = 0):
+        if validation_fraction is not None and not 0 < validation_fraction < 1:
+            raise UserError(f"scenario.validation_fraction must be between 0 and 1 (or null), got {validation_fraction}")
+        self.validation_fraction, self.validation_seed = validation_fraction, validation_seed
         self.init, self.increment, self.order_seed = init, increment, order_seed
         self.remainder = remainder
         self.max_per_class, self.max_test_per_class = max_per_class, max_test_per_class
@@ -39,6 +46,10 @@ class ClassIncrementalScenario(Scenario):
 
     def stream(self) -> Stream:
         train, test, class_names, provenance = self.load()
+        if self.validation_fraction is not None:
+            train, test = validation_split(train, self.validation_fraction, self.validation_seed)
+            provenance = {**provenance, "scored_split": f"validation: {self.validation_fraction} of the training "
+                                                        f"data, seed {self.validation_seed}"}
         return class_incremental_stream(
             self.name, train, test, class_names, input_kind=self.input_kind, init=self.init,
             increment=self.increment, order_seed=self.order_seed, remainder=self.remainder,
@@ -48,6 +59,15 @@ class ClassIncrementalScenario(Scenario):
     @property
     def name(self) -> str:
         return type(self).registered_name
+
+
+def validation_split(train: Samples, fraction: float, seed: int) -> tuple[Samples, Samples]:
+    """(the rest, a stratified ``fraction`` of ``train``), fixed by ``seed``."""
+    from sklearn.model_selection import train_test_split
+
+    kept, held = train_test_split(np.arange(len(train)), test_size=fraction, stratify=train.targets.numpy(),
+                                  random_state=seed)
+    return train.select(np.sort(kept)), train.select(np.sort(held))
 
 
 class HeldOutScenario(ClassIncrementalScenario):
