@@ -1,6 +1,8 @@
 """IV/FV-guided training (spec methods-llm.md §5.4) on the tiny LLaMA: the function vector, the
 intervention hook, the auxiliary losses and their gates, the reference passes, merged adapters, and a
 run on instruct_toy."""
+from contextlib import nullcontext
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,7 +39,7 @@ def adapters_enabled(model) -> bool:
 def test_vector_is_the_sum_of_o_proj_images_of_padded_head_means():
     colour = toy_tasks()[0]
     model = strategy(n_trials=1000)  # capped by the 16 training prompts: all of them
-    means = model.mean_head_activations(colour)
+    means, _ = model.mean_head_activations(colour)
     assert means.shape == (4, 4, 16)
     # the same means one prompt at a time, from a pre-hook on o_proj at the last prompt token
     captured = {}
@@ -68,7 +70,7 @@ def test_default_head_set_is_the_largest_mean_outputs_and_edit_layer_scales_with
     model = strategy(heads="", top_heads=3)
     assert model.heads is None and model.edit_layer == round(9 * 4 / 32) == 1
     model.before_task(colour)
-    norms = model.head_outputs(model.mean_head_activations(colour)).norm(dim=-1)
+    norms = model.head_outputs(model.mean_head_activations(colour)[0]).norm(dim=-1)
     assert len(model.heads) == 3
     chosen = torch.tensor([norms[l, h] for l, h in model.heads])
     assert chosen.min() >= norms.flatten().sort(descending=True).values[2] - 1e-6
@@ -207,7 +209,7 @@ def test_merged_adapters_make_disabled_equal_the_previous_model_and_vectors_use_
     colour, shape, _ = toy_tasks()
     model = strategy(epochs=2, lr=0.05, n_trials=100)
     model.before_task(colour)
-    first = model.mean_head_activations(colour)
+    first, _ = model.mean_head_activations(colour)
     assert model.trainable_parameters() and sum(p.numel() for p in model.trainable_parameters()) == 4 * 2 * (2 * 8 * 64)
     model.learn(colour)
     model.after_task(colour)
@@ -227,7 +229,7 @@ def test_merged_adapters_make_disabled_equal_the_previous_model_and_vectors_use_
     assert torch.allclose(merged, trained, atol=1e-5) and torch.allclose(fresh, trained, atol=1e-5)
     assert all(not layer.lora_B["default"].weight.any() for layer in model.lora_layers)
     # the vectors still come from the original model, not the merged one
-    assert torch.allclose(model.mean_head_activations(colour), first, atol=1e-6)
+    assert torch.allclose(model.mean_head_activations(colour)[0], first, atol=1e-6)
 
 
 def test_progressive_intervention_decays_over_the_task():
@@ -268,3 +270,70 @@ def test_iv_guided_runs_on_the_toy_stream_and_merges_each_task(tmp_path):
     assert not any(k.startswith("original.") for k in state)
     extra = state["_extra_state"]
     assert len(extra["heads"]) == 10 and len(extra["function_vectors"]) == 3
+
+
+# --- the vector's scale (issue 14) -----------------------------------------------------------------
+
+def briefly_trained_llama(tasks, steps=12):
+    """tiny_llama after a few AdamW steps on all ``tasks`` at once: its first answer token depends on
+    the prompt (colour, shape -> r; size -> b), with some probability."""
+    backbone = tiny_llama("text", ())
+    optimizer = torch.optim.AdamW(backbone.model.parameters(), lr=0.01)
+    prompts = [p for task in tasks for p in task.train.prompts]
+    answers = [a for task in tasks for a in task.train.answers]
+    encoded = backbone.training_batch(prompts, answers, "cpu")
+    for _ in range(steps):
+        optimizer.zero_grad()
+        backbone.model(**encoded).loss.backward()
+        optimizer.step()
+    return backbone
+
+
+def gold_probability(model, task, vector=None):
+    """Mean probability of the gold first answer token in pass A's model (adapters off), with ``vector``
+    added at (ℓ_edit, p_b) when given."""
+    _, encoded = encoded_batch(model, task, count=8)
+    inputs = {k: encoded[k] for k in ("input_ids", "attention_mask")}
+    rows = torch.arange(8)
+    first_answer = (encoded["labels"] != -100).int().argmax(1)
+    edit = model.added_vector(vector, rows, first_answer - 1) if vector is not None else nullcontext()
+    with model.reference_pass(), edit:
+        logits = model.lm(**inputs).logits[rows, first_answer - 1]
+    return float(logits.softmax(-1)[rows, encoded["labels"][rows, first_answer]].mean())
+
+
+def test_residual_norm_is_the_stream_the_vector_joins_and_scales_the_vector():
+    colour = toy_tasks()[0]
+    model = strategy(edit_layer=2, n_trials=1000)
+    means, residual_norm = model.mean_head_activations(colour)
+    # independently: the input of layer 2's post-attention norm is layer 2's input plus its attention output
+    norms = []
+    hook = model.lm.get_submodule("base_model.model.model.layers.2.post_attention_layernorm").register_forward_pre_hook(
+        lambda m, a: norms.append(float(a[0][0, -1].norm())))
+    with torch.no_grad():
+        for prompt in colour.train.prompts:
+            model.lm(input_ids=torch.tensor([model.backbone.prompt_ids([prompt])[0]]))
+    hook.remove()
+    assert residual_norm == pytest.approx(sum(norms) / len(norms), rel=1e-5)
+    model.before_task(colour)
+    assert float(model.function_vector.norm()) == pytest.approx(residual_norm, rel=1e-5)
+    raw = strategy(edit_layer=2, n_trials=1000, vector_scale="none")
+    raw.before_task(colour)
+    assert torch.allclose(raw.function_vector, model.vector_from_means(means), atol=1e-6)
+    assert torch.allclose(model.function_vector, raw.function_vector * residual_norm / raw.function_vector.norm())
+    with pytest.raises(UserError, match="vector_scale"):
+        strategy(vector_scale="unit")
+
+
+def test_scaled_vector_keeps_the_gold_answer_likely_and_an_oversized_one_does_not():
+    tasks = toy_tasks()
+    colour = tasks[0]
+    # as the output-norm heads on SmolLM2: late-layer heads added early in the stream
+    model = IVGuided(briefly_trained_llama(tasks), Context(generator=torch.Generator().manual_seed(0)),
+                     heads="3:0,3:1,3:2,3:3", edit_layer=0, n_trials=16)
+    model.before_task(colour)
+    without = gold_probability(model, colour)
+    assert without > 0.2  # the model has learnt something to lose
+    assert gold_probability(model, colour, model.function_vector) >= without / 10
+    # the same direction far above the stream's norm (on SmolLM2 the raw vector is ~3x it) drowns the prompt
+    assert gold_probability(model, colour, 100 * model.function_vector) < without / 10

@@ -32,6 +32,15 @@ Choices and deviations, all deliberate:
   This fallback favours heads with large outputs, often in late layers (on SmolLM2-135M it picks layers
   23-29 and |v| is in the hundreds), so the intervention is much stronger than with AIE heads: give
   ``heads`` explicitly when a better list is known.
+* Vector scale (``vector_scale``), a harness adaptation for models without a published head list:
+  ``residual_norm`` (default) rescales v_t to ||v_t|| = r̄, the mean over the same N prompts of the
+  residual-stream norm that v_t joins (the input of layer ℓ_edit plus its attention output, at the last
+  prompt token). The fallback heads are the largest, so their raw sum can dwarf the stream (SmolLM2-135M,
+  instruct_offline ``category``: ||v_t|| ≈ 258 against r̄ ≈ 86): pass A's probability of the gold first
+  answer token falls from 0.015 to 1e-5 and K1 starts at 1.1, pulling the model away from the task;
+  scaled, it falls to 0.0025 (1/6) and K1 starts at 0.38 (benchmarks/iv_vector_check.py). ``none`` is
+  the raw vector, as the paper and code use it on their AIE heads (the paper's value in
+  ``protocol_switches``; with a published head list, set it to follow them).
 * The N prompts (drawn with the context's generator) are the task's training prompts as the harness
   renders them (the model's chat template when it has one), not the authors' "N"-prefix format.
 * ℓ_edit (``edit_layer``): the released runs use 9 of Llama-2's 32 layers; ``edit_layer=-1`` (default)
@@ -91,17 +100,24 @@ def parse_heads(text: str) -> list[tuple[int, int]]:
 
 class IVGuided(LanguageModelStrategy):
     description = "IV/FV-guided training: per-task LoRA merged afterwards, FV-intervened KL + head consistency"
-    protocol_switches = {"progressive_intervention": True}  # the papers' method; off = the released code
+    # progressive intervention: the papers' method (off = the released code); raw vector: theirs, on AIE heads
+    protocol_switches = {"progressive_intervention": True, "vector_scale": "none"}
+    vector_scales = ("residual_norm", "none")
 
     def __init__(self, backbone, context, *, lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.1,
                  lora_targets: str = "q_proj,v_proj", kl_alpha1: float = 20.0, kl_alpha2: float = 0.1,
                  pr_alpha: float = 1.0, temperature: float = 2.0, edit_layer: int = -1, heads: str = "",
-                 top_heads: int = 10, n_trials: int = 100, progressive_intervention: bool = False, **kwargs):
+                 top_heads: int = 10, n_trials: int = 100, progressive_intervention: bool = False,
+                 vector_scale: str = "residual_norm", **kwargs):
         super().__init__(backbone, context, **kwargs)
         if min(kl_alpha1, kl_alpha2, pr_alpha) < 0 or temperature <= 0 or n_trials < 1 or top_heads < 1:
             raise UserError(f"need kl_alpha1, kl_alpha2, pr_alpha >= 0, temperature > 0, n_trials >= 1 and "
                             f"top_heads >= 1 (got {kl_alpha1}, {kl_alpha2}, {pr_alpha}, {temperature}, "
                             f"{n_trials}, {top_heads})")
+        if vector_scale not in self.vector_scales:
+            raise UserError(f"strategy.vector_scale must be one of {', '.join(self.vector_scales)}, "
+                            f"got '{vector_scale}'")
+        self.vector_scale = vector_scale
         self.kl_alpha1, self.kl_alpha2, self.pr_alpha = kl_alpha1, kl_alpha2, pr_alpha
         self.temperature, self.n_trials, self.top_heads = temperature, n_trials, top_heads
         self.progressive_intervention = progressive_intervention
@@ -161,6 +177,17 @@ class IVGuided(LanguageModelStrategy):
                 handle.remove()
 
     @contextmanager
+    def captured_attention_output(self, rows: torch.Tensor, positions: torch.Tensor):
+        """{"output": o_proj's output in layer ``edit_layer`` (B, d_model) at (rows, positions)}."""
+        store = {}
+        handle = self.o_projs[self.edit_layer].register_forward_hook(
+            lambda module, args, output: store.__setitem__("output", output[rows, positions]))
+        try:
+            yield store
+        finally:
+            handle.remove()
+
+    @contextmanager
     def added_vector(self, vector: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, scale: float = 1.0):
         """Adds scale·vector to the output of o_proj in layer ``edit_layer`` at (rows, positions) only."""
         def hook(module, args, output):
@@ -183,12 +210,14 @@ class IVGuided(LanguageModelStrategy):
             return torch.func.functional_call(self.lm, self.original_weights(), args=(), kwargs=inputs)
 
     @torch.no_grad()
-    def mean_head_activations(self, task: Task) -> torch.Tensor:
-        """ā of every (layer, head): (L, H, d_head), at the last prompt token of N training prompts."""
+    def mean_head_activations(self, task: Task) -> tuple[torch.Tensor, float]:
+        """ā of every (layer, head): (L, H, d_head), at the last prompt token of N training prompts, and
+        r̄, the mean norm there of the residual stream that v_t joins (layer ℓ_edit's input + attention)."""
         count = min(self.n_trials, len(task.train))
         chosen = torch.randperm(len(task.train), generator=self.context.generator)[:count].sort().values
         prompts = [task.train.prompts[i] for i in chosen.tolist()]
         total = torch.zeros(self.num_layers, self.num_heads * self.head_dim, dtype=torch.float64, device=self.device)
+        residual_norms = 0.0
         was_training = self.training
         self.eval()
         for start in range(0, count, self.generation_batch_size):
@@ -199,12 +228,15 @@ class IVGuided(LanguageModelStrategy):
             mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids], device=self.device)
             rows = torch.arange(len(ids), device=self.device)
             last = torch.tensor([len(i) - 1 for i in ids], device=self.device)
-            with self.captured_heads(range(self.num_layers), rows, last) as store, self.autocast():
-                self.original_forward(input_ids=input_ids, attention_mask=mask)
+            with self.captured_heads(range(self.num_layers), rows, last) as store, \
+                    self.captured_attention_output(rows, last) as attention, self.autocast():
+                output = self.original_forward(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
             for layer in range(self.num_layers):
                 total[layer] += store[layer].double().sum(0)
+            residual = output.hidden_states[self.edit_layer][rows, last] + attention["output"]
+            residual_norms += float(residual.double().norm(dim=-1).sum())
         self.train(was_training)
-        return (total / count).float().view(self.num_layers, self.num_heads, self.head_dim)
+        return (total / count).float().view(self.num_layers, self.num_heads, self.head_dim), residual_norms / count
 
     def head_outputs(self, means: torch.Tensor) -> torch.Tensor:
         """o_proj_l(pad_h(ā_{l,h})) for every (l, h): (L, H, d_model), with the original o_proj weights."""
@@ -226,8 +258,16 @@ class IVGuided(LanguageModelStrategy):
         return [(i // self.num_heads, i % self.num_heads) for i in top]
 
     def vector_from_means(self, means: torch.Tensor) -> torch.Tensor:
+        """The raw v_t = Σ_{(l,h)∈S} o_proj_l(pad_h(ā_{l,h})) (paper Sec. 3)."""
         outputs = self.head_outputs(means)
         return torch.stack([outputs[layer, head] for layer, head in self.heads]).sum(0)
+
+    def scaled(self, vector: torch.Tensor, residual_norm: float) -> torch.Tensor:
+        """v_t as used: raw (``none``) or rescaled to the residual norm r̄ (``residual_norm``)."""
+        norm = float(vector.norm())
+        if self.vector_scale == "none" or norm == 0:
+            return vector
+        return vector * (residual_norm / norm)
 
     # --- task loop -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -244,10 +284,10 @@ class IVGuided(LanguageModelStrategy):
 
     def before_task(self, task: Task) -> None:
         self.merge_and_reset()
-        means = self.mean_head_activations(task)
+        means, residual_norm = self.mean_head_activations(task)
         if self.heads is None:
             self.heads = self.select_heads(means)
-        self.function_vector = self.vector_from_means(means).detach()
+        self.function_vector = self.scaled(self.vector_from_means(means), residual_norm).detach()
         self.function_vectors.append(self.function_vector.cpu())
 
     def learn(self, task: Task) -> None:
