@@ -14,7 +14,6 @@ import argparse
 
 import torch
 
-from cl_bench import _builtins  # noqa: F401  (registers the scenarios)
 from cl_bench.models.lm import tiny_llama
 from cl_bench.registry import SCENARIOS
 from cl_bench.strategies.base import Context

@@ -9,20 +9,18 @@ an earlier task's instruction on new data.
 5. ``antonym_noun``       a noun -> its direct antonym                      (exact match)  recurs 2's instruction
 6. ``spelling``           a noun with one seeded typo -> the noun           (edit similarity)
 
-Trivia is the held-out general suite, as in ``instruct_offline``. A recurring instruction says the
-same thing in other words ("Define the word ..." / "In one short phrase, define this word ..."), so
-an instruction-similarity method such as CoIN (``coin_ema``, TF-IDF cosine, τ = 0.9) retrains the
-earlier task's group on tasks 3 and 5 (similarity 1.00 and 0.98) and opens a new group for the others
-(best similarity 0.34, 0.08, 0.37): four groups for six tasks. ``instruct_offline`` has five unrelated
-instructions (best at most 0.29), so there CoIN only ever opens groups. ``benchmarks/coin_groups.py``
-prints these numbers.
+Trivia is the held-out general suite; splits, seeds and ``order`` work as in ``instruct_offline``.
+A recurring instruction says the same thing in other words ("Define the word ..." / "In one short
+phrase, define this word ..."), so an instruction-similarity method such as CoIN (``coin_ema``,
+TF-IDF cosine, τ = 0.9) retrains the earlier task's group on tasks 3 and 5 (similarity 1.00 and
+0.98) and opens a new group for the others (best similarity 0.34, 0.08, 0.37): four groups for six
+tasks. ``instruct_offline`` has five unrelated instructions (best at most 0.29), so there CoIN only
+ever opens groups. ``benchmarks/coin_groups.py`` prints these numbers.
 """
 from __future__ import annotations
 
 from cl_bench.scenarios.instruct_offline import PROMPTS, SCORERS, InstructOffline
 
-DEFINE = 'Define the word "{text}" in one short phrase.'
-ANTONYM = 'Give the antonym of the word "{text}", the word that means its opposite. Answer with one word.'
 TASK_NAMES = ("define_noun", "antonym_adjective", "define_adjective", "topic", "antonym_noun", "spelling")
 RECURS = {"define_adjective": "define_noun", "antonym_noun": "antonym_adjective"}  # task -> task it paraphrases
 
@@ -34,8 +32,9 @@ class InstructRecurring(InstructOffline):
                    "2 paraphrasing an earlier task's instruction, and a trivia general suite")
     task_names = TASK_NAMES
     prompts = {
-        "define_noun": DEFINE,
-        "antonym_adjective": ANTONYM,
+        "define_noun": 'Define the word "{text}" in one short phrase.',
+        "antonym_adjective": 'Give the antonym of the word "{text}", the word that means its opposite. '
+                             'Answer with one word.',
         "define_adjective": 'In one short phrase, define this word: "{text}".',
         "topic": PROMPTS["topic"],
         "antonym_noun": 'Answer with one word: which word means the opposite of "{text}"? Give its antonym.',
