@@ -246,3 +246,26 @@ def test_resume_recreates_the_groups(tmp_path, interrupt_and_resume):
     scores = [json.dumps(sorted(p.read_text().splitlines())) for p in
               (next((tmp_path / d / "runs").glob("*/scores.csv")) for d in ("a", "b"))]
     assert scores[0] == scores[1]
+
+
+
+def test_recurring_instructions_retrain_their_group_with_dema_and_others_expand():
+    """instruct_recurring: tasks 3 and 5 paraphrase tasks 1 and 2, so at the authors' τ = 0.9 they retrain
+    those groups with DEMA and their test prompts go there; the other four tasks open groups."""
+    try:
+        stream = SCENARIOS.get("instruct_recurring")(max_train_per_task=4, test_per_task=2, general_size=1).stream()
+    except UserError as error:
+        pytest.skip(str(error))
+    model = strategy(epochs=1)
+    assert model.threshold == 0.9  # the authors' value for CoIN's original instructions
+    for task in stream.tasks:
+        model.before_task(task)
+        model.learn(task)
+        model.after_task(task)
+    assert model.task_groups == [0, 1, 0, 2, 1, 3]  # 4 groups for 6 tasks
+    log = {entry["task"]: entry for entry in model.dema_log}
+    assert [name for name, entry in log.items() if entry["dema"]] == ["define_adjective", "antonym_noun"]
+    assert all(log[name]["reused"] and log[name]["updates"] > 0 for name in ("define_adjective", "antonym_noun"))
+    assert [len(book) for book in model.codebooks] == [2, 2, 1, 1]
+    model.predict([task.test.prompts[0] for task in stream.tasks], 1)
+    assert model.test_groups == [0, 1, 0, 2, 1, 3]

@@ -191,6 +191,33 @@ def test_offline_stream_has_five_formats_and_a_general_suite():
     assert reordered.provenance["task_order"][0] == "spelling"
 
 
+def test_recurring_stream_brings_back_two_instructions_as_paraphrases():
+    from cl_bench.scenarios.instruct_recurring import RECURS, TASK_NAMES
+    from cl_bench.strategies.coin_ema import pair_similarity
+
+    try:
+        stream = SCENARIOS.get("instruct_recurring")(max_train_per_task=20, test_per_task=5, general_size=5).stream()
+    except UserError as error:
+        pytest.skip(str(error))
+    assert [t.name for t in stream.tasks] == list(TASK_NAMES) and len(stream) == 6
+    assert len({t.instruction for t in stream.tasks}) == 6  # paraphrased, not repeated verbatim
+    assert [g.name for g in stream.general] == ["trivia"]
+    instruction = {t.name: t.instruction for t in stream.tasks}
+    for task in stream.tasks:
+        assert len(task.train) == 20 and len(task.test) == 5
+        assert not set(task.train.prompts) & set(task.test.prompts)
+        earlier = [t.name for t in stream.tasks[:task.index]]
+        closest = max(earlier, key=lambda name: pair_similarity(task.instruction, instruction[name]), default=None)
+        best = pair_similarity(task.instruction, instruction[closest]) if closest else 0.0
+        if task.name in RECURS:  # CoIN's similarity (authors' threshold 0.9) sees the earlier instruction
+            assert closest == RECURS[task.name] and best >= 0.9
+        else:
+            assert best < 0.5
+    # the paraphrase pairs ask the same thing of different data
+    answers = {t.name: set(t.test.answers) for t in stream.tasks}
+    assert all(not answers[later] & answers[first] for later, first in RECURS.items())
+
+
 def test_offline_stream_rejects_a_bad_order():
     with pytest.raises(UserError, match="scenario.order"):
         SCENARIOS.get("instruct_offline")(order=["category", "category"])

@@ -10,6 +10,7 @@ from cl_bench.scenarios.fmnist import FashionMNIST
 from cl_bench.scenarios.imagenet_a import ImageNetA
 from cl_bench.scenarios.imagenet_r import ImageNetR
 from cl_bench.scenarios.instruct_offline import InstructOffline
+from cl_bench.scenarios.instruct_recurring import InstructRecurring
 from cl_bench.scenarios.instruct_toy import InstructToy
 from cl_bench.scenarios.objectnet import ObjectNet
 from cl_bench.scenarios.omnibenchmark import OmniBenchmark
@@ -59,8 +60,8 @@ for name, scenario in {"toy": Toy, "digits": Digits, "fmnist": FashionMNIST, "wo
                        "cifar100": CIFAR100, "imagenet_r": ImageNetR, "imagenet_a": ImageNetA, "cub": CUB,
                        "objectnet": ObjectNet, "omnibenchmark": OmniBenchmark, "vtab": VTAB,
                        "chatterbot": ChatterBot, "instruct_toy": InstructToy,
-                       "instruct_offline": InstructOffline, "trace": TRACE, "standard_cl": StandardCL,
-                       "long_sequence": LongSequence, "superni": SuperNI}.items():
+                       "instruct_offline": InstructOffline, "instruct_recurring": InstructRecurring, "trace": TRACE,
+                       "standard_cl": StandardCL, "long_sequence": LongSequence, "superni": SuperNI}.items():
     SCENARIOS.register(name, scenario)
 for model in (factory.mlp, factory.small_cnn, factory.vit_tiny_test, factory.efficientnet_lite0, factory.minilm,
               cct.cct, lm.smollm2_135m, lm.causal_lm, lm.tiny_llama):

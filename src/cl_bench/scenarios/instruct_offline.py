@@ -47,6 +47,7 @@ SCORERS = {"category": "accuracy", "define": "rouge_l", "antonym": "exact_match"
            "spelling": "edit_similarity", "trivia": "answer_recall"}
 MAX_NEW_TOKENS = {"category": 6, "define": 32, "antonym": 8, "topic": 6, "spelling": 8, "trivia": 32}
 WORD = re.compile(r"^[a-z]+$")
+POINTER_POS = {"noun": ("n",), "adj": ("a", "s")}  # ss_type of a pointer target, by part of speech
 
 
 def parse_synsets(path: Path) -> list[dict]:
@@ -90,14 +91,17 @@ class InstructOffline(InstructionScenario):
     """Five WordNet/ChatterBot instruction tasks and a trivia general suite, all offline."""
 
     description = "offline instruction stream: WordNet + ChatterBot tasks (5) and a trivia general suite"
+    # the task table; a subclass with other tasks overrides these and ``task_items``
+    task_names, prompts, scorers, max_new_tokens = TASK_NAMES, PROMPTS, SCORERS, MAX_NEW_TOKENS
 
     def __init__(self, *, root: str | None = None, order: list | None = None, test_per_task: int = 30,
                  general_size: int = 40, split_seed: int = 0, data_seed: int = 0,
                  max_train_per_task: int | None = 100, **caps):
         super().__init__(max_train_per_task=max_train_per_task, **caps)
-        order = list(order) if order is not None else list(TASK_NAMES)
-        if sorted(order) != sorted(set(order)) or set(order) - set(TASK_NAMES) or not order:
-            raise UserError(f"scenario.order must list distinct tasks out of {', '.join(TASK_NAMES)}, got {order}")
+        order = list(order) if order is not None else list(self.task_names)
+        if sorted(order) != sorted(set(order)) or set(order) - set(self.task_names) or not order:
+            raise UserError(f"scenario.order must list distinct tasks out of {', '.join(self.task_names)}, "
+                            f"got {order}")
         if test_per_task < 1 or general_size < 1:
             raise UserError("scenario.test_per_task and scenario.general_size must be >= 1")
         self.root, self.order = root, order
@@ -121,7 +125,7 @@ class InstructOffline(InstructionScenario):
         try:
             import chatterbot_corpus
         except ImportError:
-            raise UserError("scenario instruct_offline needs `pip install chatterbot-corpus==1.3.3`") from None
+            raise UserError(f"scenario {self.name} needs `pip install chatterbot-corpus==1.3.3`") from None
         folder = importlib.resources.files(PACKAGE) / "data" / "english"
         conversations = {}
         for topic in (*TOPICS, "trivia"):
@@ -132,14 +136,7 @@ class InstructOffline(InstructionScenario):
     def build(self):
         synsets, files = self.wordnet()
         conversations, version = self.chatterbot()
-        rng = np.random.default_rng(self.data_seed)
-        items = {
-            "category": self.category_items(synsets),
-            "define": self.define_items(synsets),
-            "antonym": self.antonym_items(synsets),
-            "topic": self.topic_items(conversations),
-            "spelling": self.spelling_items(synsets, rng),
-        }
+        items = self.task_items(synsets, conversations, np.random.default_rng(self.data_seed))
         split = np.random.default_rng(self.split_seed)
         tasks = []
         for index, name in enumerate(self.order):
@@ -154,6 +151,16 @@ class InstructOffline(InstructionScenario):
                       "available": {k: len(v) for k, v in items.items()}}
         return tasks, general, provenance
 
+    def task_items(self, synsets, conversations, rng) -> dict[str, list]:
+        """(input text, accepted answers) of every task, by task name."""
+        return {
+            "category": self.category_items(synsets),
+            "define": self.define_items(synsets),
+            "antonym": self.antonym_items(synsets),
+            "topic": self.topic_items(conversations),
+            "spelling": self.spelling_items(synsets, rng),
+        }
+
     @staticmethod
     def split(items: list, test_size: int, rng: np.random.Generator) -> tuple[list, list]:
         if len(items) <= test_size:
@@ -163,13 +170,13 @@ class InstructOffline(InstructionScenario):
 
     def task(self, index: int, name: str, train: list, test: list) -> Task:
         options = ", ".join(CATEGORIES if name == "category" else TOPICS)
-        template = PROMPTS[name].replace("{options}", options)
+        template = self.prompts[name].replace("{options}", options)
 
         def examples(items):
             return Examples([template.format(text=text) for text, _ in items], [refs[0] for _, refs in items],
                             tuple(tuple(refs) for _, refs in items))
-        return Task(index, name, examples(train), examples(test), instruction=template, scorer=SCORERS[name],
-                    max_new_tokens=MAX_NEW_TOKENS[name])
+        return Task(index, name, examples(train), examples(test), instruction=template, scorer=self.scorers[name],
+                    max_new_tokens=self.max_new_tokens[name])
 
     @staticmethod
     def category_items(synsets):
@@ -178,22 +185,24 @@ class InstructOffline(InstructionScenario):
                 if s["lexname"] in by_category and 3 <= len(definition(s["gloss"]).split()) <= 25]
 
     @staticmethod
-    def define_items(synsets):
-        nouns = [s for s in synsets if s["lexname"].startswith("noun.")]
-        senses = Counter(w for s in nouns for w in set(s["words"]))
-        return [(s["words"][0], (definition(s["gloss"]),)) for s in nouns
+    def define_items(synsets, part: str = "noun"):
+        """Monosemous words of one part of speech (``noun``, ``adj``) with their definitions."""
+        words = [s for s in synsets if s["lexname"].startswith(f"{part}.")]
+        senses = Counter(w for s in words for w in set(s["words"]))
+        return [(s["words"][0], (definition(s["gloss"]),)) for s in words
                 if WORD.match(s["words"][0]) and senses[s["words"][0]] == 1 and 3 <= len(definition(s["gloss"]).split()) <= 15]
 
     @staticmethod
-    def antonym_items(synsets):
-        adjectives = {s["offset"]: s for s in synsets if s["lexname"].startswith("adj.")}
+    def antonym_items(synsets, part: str = "adj"):
+        """Words of one part of speech (``adj``, ``noun``) with their direct antonyms."""
+        same_part = {s["offset"]: s for s in synsets if s["lexname"].startswith(f"{part}.")}
         antonyms = defaultdict(set)
-        for s in adjectives.values():
+        for s in same_part.values():
             for symbol, offset, pos, source_target in s["pointers"]:
-                if symbol == "!" and pos in ("a", "s") and offset in adjectives:
+                if symbol == "!" and pos in POINTER_POS[part] and offset in same_part:
                     source, target = int(source_target[:2], 16), int(source_target[2:], 16)
                     word = s["words"][source - 1].split("(")[0]
-                    other = adjectives[offset]["words"][target - 1].split("(")[0]
+                    other = same_part[offset]["words"][target - 1].split("(")[0]
                     if WORD.match(word) and WORD.match(other):
                         antonyms[word].add(other)
         return [(word, tuple(sorted(others))) for word, others in sorted(antonyms.items())]
