@@ -16,7 +16,7 @@ from cl_bench.models import factory
 from cl_bench.models.backbone import FeatureCache, VectorBackbone
 from cl_bench.registry import SCENARIOS, STRATEGIES
 from cl_bench.runner import Run, run
-from cl_bench.scenarios.base import Samples, Task
+from cl_bench.scenarios.base import Samples, Stream, Task
 from cl_bench.scenarios.chatterbot import ChatterBot
 from cl_bench.strategies.base import Context
 from cl_bench.strategies.dkvb import DKVB
@@ -312,6 +312,36 @@ def test_chatterbot_scenario_is_a_clean_text_split():
     test = [text for t in stream.tasks for text in t.test.inputs]
     assert len(set(train)) == len(train) and not set(train) & set(test) and len(train) + len(test) > 1800
     assert all(len(t.test) for t in stream.tasks)
+
+
+def stream_of(name: str, input_kind: str) -> Stream:
+    return Stream(name, "classes", (), input_kind)
+
+
+@pytest.mark.parametrize("stream_name, input_kind, picked", [
+    ("fmnist", "image", "digits"), ("cifar100", "image", "digits"), ("digits", "image", "fmnist"),
+    ("wordnet", "text", "chatterbot"), ("chatterbot", "text", "wordnet")])
+def test_auto_key_init_data_is_another_scenario_of_the_streams_modality(stream_name, input_kind, picked):
+    settings = {"key_init_data": "auto", "key_init_args": None, "num_codebooks": 4}
+    resolved = outside_data.resolve_auto(DKVB, settings, stream_of(stream_name, input_kind))
+    assert resolved == {**settings, "key_init_data": picked} and settings["key_init_data"] == "auto"
+    assert SCENARIOS.get(picked).input_kind == input_kind
+
+
+def test_auto_never_picks_the_stream_and_names_only_offline_scenarios_of_their_kind():
+    for input_kind, names in outside_data.OFFLINE_BY_INPUT_KIND.items():
+        for name in names:
+            assert SCENARIOS.get(name).input_kind == input_kind, name
+            resolved = outside_data.resolve_auto(DKVB, {"key_init_data": "auto"}, stream_of(name, input_kind))
+            assert resolved["key_init_data"] not in ("auto", name)
+    explicit = {"key_init_data": "digits"}
+    assert outside_data.resolve_auto(DKVB, explicit, stream_of("digits", "image")) == explicit  # the guard's job
+
+
+def test_auto_without_another_scenario_of_the_kind_fails_with_one_clear_line():
+    with pytest.raises(UserError, match="strategy.key_init_data=auto knows no offline scenario of vector inputs "
+                                        "other than 'toy'; name one"):
+        outside_data.resolve_auto(DKVB, {"key_init_data": "auto"}, stream_of("toy", "vector"))
 
 
 def test_bad_key_init_settings_fail_with_one_clear_line():
