@@ -8,7 +8,7 @@ nearest keys (squared Euclidean distance) and the decoder averages them over cod
 the k fetched pairs: logits = (1/C) sum_c sum_i V[c, j_ci]. The values are the class logits.
 
 The keys are fitted once, when training on the first task starts, on encoder features of data from
-OUTSIDE the stream (``key_init_data``: a registered scenario or scenario preset, settings in
+OUTSIDE the stream (``key_init_data``: a registered scenario or scenario preset, or ``auto``; settings in
 ``key_init_args``, whose train data of all tasks, subsampled to ``key_init_samples``, is used
 without labels; ``context.featurize`` maps it to cached features when the backbone is frozen), by
 EMA vector quantisation: per batch and codebook, assign each head to its nearest key;
@@ -23,8 +23,11 @@ excluded from the search.
 The runner builds the ``key_init_data`` scenario and lends its train data as
 ``context.outside["key_init_data"]`` (``outside_data_keys``); it refuses data that overlaps the stream
 (same data hash or identical inputs) unless ``allow_stream_data=true`` (the authors fit CIFAR-10 keys
-on CIFAR-100 and vice versa). The default, ``digits``, suits image streams other than digits (e.g.
-fmnist); for text streams pass e.g. ``chatterbot``.
+on CIFAR-100 and vice versa). The default, ``auto``, has the runner pick another dataset of the
+stream's modality, never the stream itself (``outside_data.OFFLINE_BY_INPUT_KIND``: image streams get
+digits, or fmnist on digits; text streams chatterbot, or wordnet on chatterbot); the card lists it.
+A backbone that does not resize images (``mlp``) cannot encode images of another size: name key-init
+data of the stream's shape then. Vector streams (toy) have no other offline scenario: name one.
 
 Follows the authors' code (ftraeuble/discrete_key_value_bottleneck@1987958 ``core.py``, ``utils.py``,
 ``splitters.py``; ftraeuble/experiments_discrete_key_value_bottleneck@abd0c7a ``scripts/train.py``,
@@ -66,7 +69,7 @@ class DKVB(Strategy):
     smoke_args = ("scenario=toy", "strategy.key_init_data=toy", "strategy.key_init_args={data_seed: 1}",
                   "strategy.num_codebooks=32", "strategy.keys_per_codebook=256")
 
-    def __init__(self, backbone, context, *, key_init_data: str = "digits", key_init_args: dict | None = None,
+    def __init__(self, backbone, context, *, key_init_data: str = "auto", key_init_args: dict | None = None,
                  key_init_samples: int = 50000, key_init_epochs: int = 10, num_codebooks: int = 256,
                  keys_per_codebook: int = 4096, key_dim: int = 14, top_k: int = 1,
                  splitter: str = "random_projection", decay: float = 0.95, dead_key_threshold: float = 0.1,
