@@ -3,7 +3,8 @@
 Each strategy runs through the normal runner on scikit-learn's digits split into 10 one-class
 tasks, on the tiny timm ViT (MOS, ConTraCon, SimpleCIL, finetune) or on frozen MLP features (DKVB),
 with one short epoch per task: the point is how costs scale with the number of tasks, not accuracy
-(so DKVB even fits its keys on digits itself, which a real comparison must not do).
+(so DKVB even fits its keys on digits itself, allow_stream_data=true, which a real comparison must not
+do; the frozen MLP cannot encode the 28x28 images that its default, key_init_data=auto, would pick).
 Inference time per sample after task t is the runner's evaluation time after t divided by the test
 samples it scored (all seen tasks). MOS's retrieval should stay bounded by its iteration limit
 (at most 1 + max_iterations adapter passes per sample), so its time per sample must flatten rather
@@ -28,7 +29,7 @@ STRATEGIES = {
     "contracon": ["model=cct", "model.image_size=8", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
                   "strategy.kernel_size=3", "strategy.epochs=1"],
     "dkvb": ["model=mlp", "model.frozen=true", "strategy.epochs=1", "strategy.num_codebooks=32",
-             "strategy.keys_per_codebook=256"],
+             "strategy.keys_per_codebook=256", "strategy.key_init_data=digits", "allow_stream_data=true"],
 }
 
 

@@ -62,21 +62,34 @@ def one_line_error(capsys, argv) -> str:
 
 
 def test_dkvb_keys_from_the_stream_itself_are_refused_before_anything_is_written(capsys, fast_args, tmp_results):
-    line = one_line_error(capsys, ["run", "strategy=dkvb", "scenario=digits", *fast_args])
+    line = one_line_error(capsys, ["run", "strategy=dkvb", "scenario=digits", "strategy.key_init_data=digits",
+                                   *fast_args])
     assert "strategy.key_init_data (scenario digits) overlaps scenario 'digits'" in line
     assert "allow_stream_data=true" in line
     assert not (tmp_results / "runs").exists()
 
 
+def test_default_dkvb_on_digits_fits_its_keys_on_another_image_scenario(fast_args):
+    """key_init_data=auto (the default) picks fmnist for a digits stream; small_cnn pools any image size."""
+    summary = run(compose(["scenario=digits", "model=small_cnn", *SMALL_DKVB, "strategy.key_init_samples=256",
+                           *fast_args]))
+    assert summary["status"] == "finished"
+    [entry] = summary["protocol"]["extra_data"]
+    assert entry["role"] == "key_init_data" and entry["source"] == "scenario fmnist"
+    assert entry["data_hash"] != summary["provenance"]["stream"]["data_hash"]
+
+
 def test_identical_inputs_are_refused_even_when_the_data_hash_differs(capsys, fast_args, tmp_results):
     """Another class order relabels the targets (so the data hash differs) but the images are the same."""
-    line = one_line_error(capsys, ["run", "scenario=digits", "scenario.order_seed=7", *SMALL_DKVB, *fast_args])
+    line = one_line_error(capsys, ["run", "scenario=digits", "scenario.order_seed=7", *SMALL_DKVB,
+                                   "strategy.key_init_data=digits", *fast_args])
     assert "1347 of its 1347 inputs are identical to inputs of the stream" in line
     assert not (tmp_results / "runs").exists()
 
 
 def test_allow_stream_data_runs_and_the_card_says_so(fast_args):
-    summary = run(compose(["scenario=digits", *SMALL_DKVB, "allow_stream_data=true", *fast_args]))
+    summary = run(compose(["scenario=digits", *SMALL_DKVB, "strategy.key_init_data=digits", "allow_stream_data=true",
+                           *fast_args]))
     card = summary["protocol"]
     assert summary["status"] == "finished" and card["allow_stream_data"] is True
     assert card["extra_data"] == [{"role": "key_init_data", "source": "scenario digits",

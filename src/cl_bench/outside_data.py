@@ -9,6 +9,11 @@ written, refuses data that overlaps the stream: the same data hash, or any sampl
 (the tensor of an image or vector, the text of a string, the prompt of an instruction) is identical
 to an input of the stream's train or test data. ``allow_stream_data=true`` lends it anyway; the
 protocol card records that and the leaderboard flags it.
+
+A key set to ``auto`` names no scenario itself: the runner picks the first scenario of
+``OFFLINE_BY_INPUT_KIND`` with the stream's input kind that is not the stream's own scenario (a
+different dataset of the same modality, as DKVB's authors fit CIFAR-10 keys on CIFAR-100), so one
+default fits image and text streams; the protocol card lists the scenario it picked.
 """
 from __future__ import annotations
 
@@ -21,6 +26,11 @@ from cl_bench.errors import UserError
 from cl_bench.registry import SCENARIOS, suggest
 from cl_bench.scenarios.base import Stream
 from cl_bench.strategies.base import OutsideData
+
+AUTO = "auto"
+# registered scenarios whose data installs offline (scikit-learn, Debian packages, PyPI), by input
+# kind, in the order ``auto`` tries them
+OFFLINE_BY_INPUT_KIND = {"image": ("digits", "fmnist"), "text": ("chatterbot", "wordnet")}
 
 
 def compose_scenario(key: str, name: str, settings_key: str | None, settings: dict):
@@ -38,6 +48,21 @@ def compose_scenario(key: str, name: str, settings_key: str | None, settings: di
     kind = values.pop("type")
     values.pop("name")
     return SCENARIOS.get(kind)(**values)
+
+
+def resolve_auto(strategy_class, settings: dict, stream: Stream) -> dict:
+    """``settings`` (the strategy's config values) with every outside-data key set to ``auto`` replaced by
+    an offline scenario of the stream's input kind other than the stream's own scenario."""
+    resolved = dict(settings)
+    for key in strategy_class.outside_data_keys:
+        if settings.get(key) != AUTO:
+            continue
+        others = [name for name in OFFLINE_BY_INPUT_KIND.get(stream.input_kind, ()) if name != stream.name]
+        if not others:
+            raise UserError(f"strategy.{key}=auto knows no offline scenario of {stream.input_kind} inputs other than "
+                            f"'{stream.name}'; name one, e.g. strategy.{key}=NAME")
+        resolved[key] = others[0]
+    return resolved
 
 
 def load(strategy_class, settings: dict) -> dict[str, OutsideData]:

@@ -74,6 +74,7 @@ def build_strategy(cfg: DictConfig, stream: Stream, context: Context, progress) 
                         f"eval_mode=til")
     context.num_classes = stream.num_classes if stream.kind == "classes" else None
     settings = {k: v for k, v in OmegaConf.to_container(cfg.strategy).items() if k not in ("name", "type")}
+    settings = outside_data.resolve_auto(strategy_class, settings, stream)
     context.outside = outside_data.load(strategy_class, settings)
     outside_data.refuse_stream_data(context.outside, stream, allowed=cfg.allow_stream_data)
     backbone = create_backbone(cfg.model, stream.input_kind, stream.input_shape)

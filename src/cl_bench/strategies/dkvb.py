@@ -7,8 +7,24 @@ codebook c holds M frozen keys and M learnable values; a head fetches the values
 nearest keys (squared Euclidean distance) and the decoder averages them over codebooks, summing over
 the k fetched pairs: logits = (1/C) sum_c sum_i V[c, j_ci]. The values are the class logits.
 
+Value size (``values``). Default ``fixed``, the paper's: d_v is the number of classes of the whole
+dataset from the start (the voting decoder needs d_v = number of classes; the authors' sweeps
+``icml2023/*`` set 10 for CIFAR-10 and 100 for CIFAR-100 before the first stage), so the model is
+never told where a task begins, as the paper claims ("without any task boundaries", abstract; its
+text beyond the abstract was not reachable when this was written, hence no section number). The
+runner lends the class count (``context.num_classes``, no data). The softmax and label smoothing
+cover every class, seen or not, and prediction masks no class: the authors' evaluation (experiments
+``utils/eval.py: evaluate_accuracy``) takes the argmax over all d_v outputs, so a class not yet
+trained competes with its (label-smoothed) values. ``growing``: one value column per class seen so
+far, a task's new classes append columns (at ``before_task``, from the task's class list) initialised
+like the first ones; softmax, smoothing and prediction cover the seen classes only.
+The protocol card records ``values`` (``protocol_switches``; the paper's value is ``fixed``).
+``task_identity_train`` is a class attribute that the runner reads from the class, so it cannot follow
+``values``: it says ``none``, true for ``fixed`` (with the default plain SGD); a ``growing`` run reads
+task boundaries for its column count and is told apart on the card by its ``values=growing`` switch.
+
 The keys are fitted once, when training on the first task starts, on encoder features of data from
-OUTSIDE the stream (``key_init_data``: a registered scenario or scenario preset, settings in
+OUTSIDE the stream (``key_init_data``: a registered scenario or scenario preset, or ``auto``; settings in
 ``key_init_args``, whose train data of all tasks, subsampled to ``key_init_samples``, is used
 without labels; ``context.featurize`` maps it to cached features when the backbone is frozen), by
 EMA vector quantisation: per batch and codebook, assign each head to its nearest key;
@@ -23,8 +39,11 @@ excluded from the search.
 The runner builds the ``key_init_data`` scenario and lends its train data as
 ``context.outside["key_init_data"]`` (``outside_data_keys``); it refuses data that overlaps the stream
 (same data hash or identical inputs) unless ``allow_stream_data=true`` (the authors fit CIFAR-10 keys
-on CIFAR-100 and vice versa). The default, ``digits``, suits image streams other than digits (e.g.
-fmnist); for text streams pass e.g. ``chatterbot``.
+on CIFAR-100 and vice versa). The default, ``auto``, has the runner pick another dataset of the
+stream's modality, never the stream itself (``outside_data.OFFLINE_BY_INPUT_KIND``: image streams get
+digits, or fmnist on digits; text streams chatterbot, or wordnet on chatterbot); the card lists it.
+A backbone that does not resize images (``mlp``) cannot encode images of another size: name key-init
+data of the stream's shape then. Vector streams (toy) have no other offline scenario: name one.
 
 Follows the authors' code (ftraeuble/discrete_key_value_bottleneck@1987958 ``core.py``, ``utils.py``,
 ``splitters.py``; ftraeuble/experiments_discrete_key_value_bottleneck@abd0c7a ``scripts/train.py``,
@@ -32,11 +51,10 @@ sweeps ``icml2023/*``); the defaults are the main sweeps' (C=256, M=4096, d_k=14
 10 key-init epochs, dead-key factor 0.1, zero values, SGD lr 0.3, clip 1.0, batch 256, smoothing 0.1).
 
 Deliberate deviations:
-- Values hold one column per class seen so far; a task's new classes append columns initialised like
-  the first ones. The authors fix d_v = number of classes of the dataset, so their softmax and label
-  smoothing also cover classes not yet seen; here they cover the seen classes only.
+- ``values=growing`` (not the default) sizes the values by the classes seen so far (see above).
 - A fresh optimizer per task (the authors keep one for the stream): the same for plain SGD, which is
-  stateless; with ``optimizer=adam`` the moments restart at every task.
+  stateless; with ``optimizer=adam`` the moments restart at every task, a use of task boundaries that
+  ``task_identity_train`` does not show.
 - ``epochs`` defaults to 10 passes per task (the authors: 2000 for CIFAR-10, 500 for CIFAR-100; the
   presets ``dkvb_cifar10``/``dkvb_cifar100`` set those).
 - The distance leaves out |h|^2 (the same for every key, so the ranking is unchanged) and unused pairs
@@ -56,6 +74,7 @@ from cl_bench.strategies.base import Strategy
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 SPLITTERS = ("random_projection", "chunk")
+VALUE_SIZES = ("fixed", "growing")
 DISTANCE_BUDGET = 2**24  # floats per distance block (codebooks x queries x keys): 64 MiB
 EPS = 1e-5  # Laplace smoothing of the EMA counts
 
@@ -63,15 +82,17 @@ EPS = 1e-5  # Laplace smoothing of the EMA counts
 class DKVB(Strategy):
     description = "discrete key-value bottleneck: frozen keys fitted on outside data, sparse learnable values"
     outside_data_keys = {"key_init_data": "key_init_args"}
+    protocol_switches = {"values": "fixed"}
+    task_identity_train = "none"  # true for values=fixed; see the module docstring for values=growing
     smoke_args = ("scenario=toy", "strategy.key_init_data=toy", "strategy.key_init_args={data_seed: 1}",
                   "strategy.num_codebooks=32", "strategy.keys_per_codebook=256")
 
-    def __init__(self, backbone, context, *, key_init_data: str = "digits", key_init_args: dict | None = None,
+    def __init__(self, backbone, context, *, key_init_data: str = "auto", key_init_args: dict | None = None,
                  key_init_samples: int = 50000, key_init_epochs: int = 10, num_codebooks: int = 256,
                  keys_per_codebook: int = 4096, key_dim: int = 14, top_k: int = 1,
                  splitter: str = "random_projection", decay: float = 0.95, dead_key_threshold: float = 0.1,
-                 value_init_std: float = 0.0, epochs: int = 10, batch_size: int = 256, lr: float = 0.3,
-                 optimizer: str = "sgd", label_smoothing: float = 0.1, grad_clip: float = 1.0):
+                 values: str = "fixed", value_init_std: float = 0.0, epochs: int = 10, batch_size: int = 256,
+                 lr: float = 0.3, optimizer: str = "sgd", label_smoothing: float = 0.1, grad_clip: float = 1.0):
         super().__init__(backbone, context)
         C, M, k, D = num_codebooks, keys_per_codebook, key_dim, backbone.out_dim
         if min(C, M, k, top_k, batch_size, key_init_samples) < 1 or epochs < 0 or key_init_epochs < 1:
@@ -83,6 +104,11 @@ class DKVB(Strategy):
             raise UserError(f"strategy.splitter must be one of {', '.join(SPLITTERS)}, got '{splitter}'")
         if splitter == "chunk" and C * k != D:
             raise UserError(f"splitter 'chunk' needs num_codebooks * key_dim = feature size {D}, got {C} * {k}")
+        if values not in VALUE_SIZES:
+            raise UserError(f"strategy.values must be one of {', '.join(VALUE_SIZES)}, got '{values}'")
+        if values == "fixed" and not context.num_classes:
+            raise UserError("strategy.values=fixed sizes the values for every class of the stream, but no class "
+                            "count was lent (context.num_classes); use values=growing")
         if optimizer not in OPTIMIZERS:
             raise UserError(f"strategy.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{optimizer}'")
         if not 0 <= decay < 1 or dead_key_threshold < 0 or value_init_std < 0 or lr < 0 or grad_clip < 0 \
@@ -92,7 +118,7 @@ class DKVB(Strategy):
         self.key_init_data = key_init_data  # key_init_args: settings of that scenario, read by the runner
         self.key_init_samples, self.key_init_epochs = key_init_samples, key_init_epochs
         self.top_k, self.splitter, self.decay = top_k, splitter, decay
-        self.dead_key_threshold, self.value_init_std = dead_key_threshold, value_init_std
+        self.dead_key_threshold, self.value_init_std, self.value_size = dead_key_threshold, value_init_std, values
         self.epochs, self.batch_size, self.lr, self.optimizer_name = epochs, batch_size, lr, optimizer
         self.label_smoothing, self.grad_clip = label_smoothing, grad_clip
         self.backbone.requires_grad_(False)
@@ -103,7 +129,7 @@ class DKVB(Strategy):
         self.register_buffer("keys", torch.randn(C, M, k, generator=generator))
         self.register_buffer("usage", torch.zeros(C, M, dtype=torch.long))
         self.register_buffer("keys_fitted", torch.tensor(False))
-        self.values = nn.Parameter(torch.zeros(C, M, 0))
+        self.values = nn.Parameter(self.new_values(context.num_classes if values == "fixed" else 0))
 
     # --- model ----------------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -142,7 +168,7 @@ class DKVB(Strategy):
         return torch.cat(found)
 
     def forward(self, inputs) -> torch.Tensor:
-        """Logits (B, classes seen) = mean over codebooks of the summed top-k fetched values.
+        """Logits (B, value columns) = mean over codebooks of the summed top-k fetched values.
         In training mode every fetch is counted; in eval mode never-fetched pairs are skipped."""
         heads = self.heads(self.embed(inputs))
         index = self.nearest(heads, self.top_k, excluded=None if self.training else self.usage == 0)
@@ -208,16 +234,22 @@ class DKVB(Strategy):
 
     # --- continual learning -------------------------------------------------------------------------
     def before_task(self, task) -> None:
-        self.grow_values(max(task.classes) + 1)
+        if self.value_size == "growing":
+            self.grow_values(max(task.classes) + 1)
+
+    def new_values(self, columns: int) -> torch.Tensor:
+        """(C, M, columns) values: zeros, or ``value_init_std`` * N(0, 1)."""
+        C, M, _ = self.keys.shape
+        if self.value_init_std > 0:
+            return torch.randn(C, M, columns, generator=self.context.generator) * self.value_init_std
+        return torch.zeros(C, M, columns)
 
     def grow_values(self, num_classes: int) -> None:
-        C, M, seen = self.values.shape
+        seen = self.values.shape[2]
         if num_classes <= seen:
             return
-        new = torch.zeros(C, M, num_classes - seen)
-        if self.value_init_std > 0:
-            new = torch.randn(new.shape, generator=self.context.generator) * self.value_init_std
-        self.values = nn.Parameter(torch.cat([self.values.detach(), new.to(self.values.device)], dim=2))
+        new = self.new_values(num_classes - seen).to(self.values.device)
+        self.values = nn.Parameter(torch.cat([self.values.detach(), new], dim=2))
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         """Plain SGD (no momentum, no weight decay) or Adam on the values, as in the authors' code."""
