@@ -55,7 +55,7 @@ def command_run(args, console: Console) -> int:
     from cl_bench.config import compose
     from cl_bench.runner import run
 
-    summary = run(compose(args.overrides), console=console)
+    summary = run(compose(args.overrides, say=lambda line: console.print(line, highlight=False)), console=console)
     print_metrics(summary, Console())
     return 0
 
