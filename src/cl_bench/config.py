@@ -201,8 +201,8 @@ def default_model(scenario_type: str, strategy_type: str) -> tuple[str, str]:
     scenario's default: the strategy's paper backbone, where the scenario's default does not fit it."""
     scenario_model = SCENARIOS.get(scenario_type).default_model
     strategy = STRATEGIES.get(strategy_type)
-    if not strategy.paper_backbone or not strategy.backbone_pattern or model_fits(strategy.backbone_pattern,
-                                                                                    scenario_model):
+    fits = not strategy.backbone_pattern or model_fits(strategy.backbone_pattern, scenario_model)
+    if fits or not strategy.paper_backbone:
         return scenario_model, ""
     return strategy.paper_backbone, (
         f"model={strategy.paper_backbone}: the backbone of {strategy_type}'s paper, chosen because the "
