@@ -190,6 +190,27 @@ def test_explicit_model_wins_over_the_default():
     assert cfg.model.name == "small_cnn"
 
 
+@pytest.mark.parametrize("strategy, scenario, model", [
+    ("mos", "cifar100", "vit_b16_in21k"), ("mos_cifar224", "cifar100", "vit_b16_in21k"),
+    ("contracon", "cifar100", "cct"), ("avalanche.l2p", "fmnist", "vit_b16_in1k")])
+def test_a_strategy_gets_its_paper_backbone_where_the_scenarios_default_does_not_fit(strategy, scenario, model):
+    said = []
+    cfg = compose([f"strategy={strategy}", f"scenario={scenario}"], say=said.append)
+    assert cfg.model.name == model
+    assert len(said) == 1 and said[0].startswith(f"model={model}: the backbone of ")
+    assert SCENARIOS.get(scenario).default_model in said[0] and "model=NAME" in said[0]
+
+
+@pytest.mark.parametrize("args", [["strategy=mos", "scenario=wordnet"],  # minilm takes adapters too
+                                  ["strategy=simplecil", "scenario=cifar100"],  # any backbone fits
+                                  ["strategy=mos", "scenario=cifar100", "model=resnet18"]])
+def test_a_fitting_default_or_an_explicit_model_is_kept_silently(args):
+    said = []
+    cfg = compose(args, say=said.append)
+    expected = args[2].partition("=")[2] if len(args) > 2 else SCENARIOS.get(args[1].partition("=")[2]).default_model
+    assert cfg.model.name == expected and said == []
+
+
 # --- hashes -------------------------------------------------------------------------------------
 
 def test_config_hash_is_stable_and_follows_the_seed():

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -55,7 +56,8 @@ def command_run(args, console: Console) -> int:
     from cl_bench.config import compose
     from cl_bench.runner import run
 
-    summary = run(compose(args.overrides), console=console)
+    say = partial(console.print, highlight=False, soft_wrap=True)  # the backbone chosen for the user, and why
+    summary = run(compose(args.overrides, say=say), console=console)
     print_metrics(summary, Console())
     return 0
 

@@ -3,7 +3,8 @@
 Precedence, lowest first:
 1. ``BASE`` below;
 2. ``strategy=NAME`` / ``scenario=NAME`` / ``model=NAME`` load the preset ``<group>/NAME.yaml`` when
-   one exists (its ``type`` names the registered class; it defaults to NAME);
+   one exists (its ``type`` names the registered class; it defaults to NAME); without ``model=`` the
+   scenario's default model, or the strategy's paper backbone where that default does not fit it;
 3. the class's keyword-only constructor defaults fill every key the preset leaves out;
 4. dotted overrides (``strategy.lr=0.01``) apply last; an unknown key fails with close matches and a
    value of the wrong type fails naming the expected type.
@@ -13,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import re
 import types
 import typing
 from pathlib import Path
+from typing import Callable
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -29,7 +32,7 @@ GROUPS = {"strategy": ("strategies", STRATEGIES), "scenario": ("scenarios", SCEN
 BASE = {
     "strategy": "finetune",
     "scenario": "fmnist",
-    "model": None,  # None: the scenario's default_model
+    "model": None,  # None: the scenario's default_model, or the strategy's paper_backbone where it does not fit
     "seed": 0,
     "eval_mode": "cil",  # cil: predict among all seen classes; til: mask logits to the task's classes
     "eval_unseen": False,  # also score unseen tasks (and before training) for forward transfer
@@ -187,8 +190,29 @@ def group_config(group: str, selection: str) -> tuple[dict, dict[str, inspect.Pa
     return values, parameters
 
 
-def compose(argv: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Build the run configuration from ``key=value`` arguments (see module docstring)."""
+def model_fits(pattern: str, model: str) -> bool:
+    """Whether the model ``model`` (its name, or the type its preset names) fully matches ``pattern``."""
+    names = {model, str(load_preset("model", model).get("type", model))}
+    return any(re.fullmatch(pattern, name) for name in names)
+
+
+def default_model(scenario_type: str, strategy_type: str) -> tuple[str, str]:
+    """The model a run uses when ``model=`` is not given, and a line saying why when it is not the
+    scenario's default: the strategy's paper backbone, where the scenario's default does not fit it."""
+    scenario_model = SCENARIOS.get(scenario_type).default_model
+    strategy = STRATEGIES.get(strategy_type)
+    fits = not strategy.backbone_pattern or model_fits(strategy.backbone_pattern, scenario_model)
+    if fits or not strategy.paper_backbone:
+        return scenario_model, ""
+    return strategy.paper_backbone, (
+        f"model={strategy.paper_backbone}: the backbone of {strategy_type}'s paper, chosen because the "
+        f"scenario's default model {scenario_model} does not fit it ({strategy.backbone_need}); "
+        f"pass model=NAME to choose another")
+
+
+def compose(argv: list[str] | tuple[str, ...] = (), say: Callable[[str], None] | None = None) -> DictConfig:
+    """Build the run configuration from ``key=value`` arguments (see module docstring); ``say`` hears
+    choices made on the user's behalf (the paper backbone chosen when ``model=`` is not given)."""
     overrides = parse_overrides(list(argv))
     top = dict(BASE)
     for key, value in overrides:
@@ -205,12 +229,12 @@ def compose(argv: list[str] | tuple[str, ...] = ()) -> DictConfig:
                 raise UserError(f"{key}= expects a name, got {value!r}")
             top[key] = value
 
-    scenario_values, scenario_params = group_config("scenario", top["scenario"])
+    sections = {group: group_config(group, top[group]) for group in ("scenario", "strategy")}
     if top["model"] is None:
-        top["model"] = SCENARIOS.get(scenario_values["type"]).default_model
-    sections = {"scenario": (scenario_values, scenario_params)}
-    for group in ("strategy", "model"):
-        sections[group] = group_config(group, top[group])
+        top["model"], reason = default_model(sections["scenario"][0]["type"], sections["strategy"][0]["type"])
+        if reason and say is not None:
+            say(reason)
+    sections["model"] = group_config("model", top["model"])
 
     config = {key: value for key, value in top.items() if key not in GROUPS}
     config["budget"] = dict(BASE["budget"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cl_bench.errors import UserError
+from cl_bench.errors import OFFLINE_HINT, UserError
 from cl_bench.models.backbone import Backbone, ImageBackbone, TextBackbone, VectorBackbone
 from cl_bench.registry import MODELS
 
@@ -84,8 +84,8 @@ def timm_backbone(input_kind: str, input_shape: tuple, *, timm_name: str, pretra
         if pretrained:
             fetch = f"`hf download {hub_id}`" if hub_id else "one run with a network"
             raise UserError(f"pretrained weights for timm model '{timm_name}' are not in the local cache "
-                            f"({type(error).__name__}); fetch them once with {fetch} on a machine with a network "
-                            f"(and HF_HUB_OFFLINE unset), or pass model.pretrained_path=FILE") from error
+                            f"({type(error).__name__}); with a network (HF_HUB_OFFLINE unset) timm fetches them "
+                            f"from its hub, or fetch them once with {fetch}; {OFFLINE_HINT}") from error
         raise UserError(f"timm could not build '{timm_name}': {error}") from error
     if pretrained_path:
         load_weights(net, pretrained_path)

@@ -9,19 +9,31 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import os
 import pickle
+import shutil
+import tarfile
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cl_bench.errors import UserError
+from cl_bench.errors import OFFLINE_HINT, UserError
 from cl_bench.scenarios._scenario import ClassIncrementalScenario
 from cl_bench.scenarios.base import Samples
 
 FOLDER = "cifar-100-python"
 FILES = ("train", "test", "meta")
 CACHE_DIR = Path("~/.cache/cl_bench/data")
+URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"  # the official archive and its md5
+ARCHIVE_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+
+
+def offline() -> bool:
+    """Whether the environment says there is no network (the Hugging Face offline variables)."""
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in OFFLINE_VARIABLES)
 
 
 def _latin1_encode(text, encoding="utf-8", errors="strict"):
@@ -104,40 +116,53 @@ class CIFAR100(ClassIncrementalScenario):
     description = "Split-CIFAR-100: 32x32 colour images, 100 classes (official python archive)"
     default_model = "resnet18"
 
-    def __init__(self, *, root: str | None = None, download: bool = False,
+    def __init__(self, *, root: str | None = None, download: bool | str = "auto",
                  increment: int = 10, **split):
+        """``download``: ``auto`` fetches the archive when it is not found, unless the environment is
+        offline (``HF_DATASETS_OFFLINE``/``HF_HUB_OFFLINE``); ``true`` always may; ``false`` never."""
         super().__init__(increment=increment, **split)
-        self.root, self.download = root, bool(download)
+        if download not in (True, False, "auto"):
+            raise UserError(f"scenario.download must be auto, true or false, got {download!r}")
+        self.root, self.download = root, download
 
     def locate(self) -> Path:
         directory = Path(self.root).expanduser() if self.root is not None else CACHE_DIR.expanduser()
         folder = find_folder(directory)
-        if folder is None and self.download:
+        may_download = self.download is True or (self.download == "auto" and not offline())
+        if folder is None and may_download:
             self._download(directory)
             folder = find_folder(directory)
         if folder is None:
+            why = "downloads are off (scenario.download=false)" if self.download is False else (
+                "the environment is offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE)" if not may_download
+                else "the downloaded archive does not hold it")
             raise UserError(
-                f"CIFAR-100 not found in {directory} (need {FOLDER}/train, test and meta); pass "
-                f"scenario.root=DIR containing {FOLDER}/ (the official python archive from "
-                "https://www.cs.toronto.edu/~kriz/cifar.html, extracted) or set scenario.download=true "
-                "with a network")
+                f"CIFAR-100 not found in {directory} (need {FOLDER}/train, test and meta: the official python "
+                f"archive from https://www.cs.toronto.edu/~kriz/cifar.html, extracted) and {why}; "
+                f"{OFFLINE_HINT}; with a network, scenario.download=true fetches it")
         return folder
 
     @staticmethod
     def _download(directory: Path) -> None:
-        # torchvision's own download and md5 check, without its unrestricted pickle.load
+        """The official archive from ``URL`` into ``directory``: md5-checked, then extracted with tarfile's
+        ``data`` filter (no paths outside ``directory``, no links out, no device files)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        archive = directory / URL.rsplit("/", 1)[-1]
+        partial = archive.with_name(archive.name + ".part")
         try:
-            from torchvision.datasets import CIFAR100 as TorchvisionCIFAR100
-            from torchvision.datasets.utils import download_and_extract_archive
-        except ImportError:
-            raise UserError("scenario.download=true needs torchvision (pip install torchvision)") from None
-        try:
-            download_and_extract_archive(TorchvisionCIFAR100.url, str(directory),
-                                         filename=TorchvisionCIFAR100.filename,
-                                         md5=TorchvisionCIFAR100.tgz_md5)
-        except Exception as exc:  # network errors come in many types
-            raise UserError(f"downloading CIFAR-100 into {directory} failed: "
-                            f"{' '.join(str(exc).split())}") from None
+            with urllib.request.urlopen(URL, timeout=60) as response, open(partial, "wb") as handle:
+                shutil.copyfileobj(response, handle, 1 << 20)
+            digest = hashlib.md5(partial.read_bytes()).hexdigest()
+            if digest != ARCHIVE_MD5:
+                raise ValueError(f"md5 {digest}, expected {ARCHIVE_MD5}")
+            partial.replace(archive)
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(directory, filter="data")
+        except (OSError, ValueError, tarfile.TarError) as exc:  # urllib's errors are OSErrors
+            raise UserError(f"downloading CIFAR-100 from {URL} into {directory} failed "
+                            f"({' '.join(str(exc).split())}); {OFFLINE_HINT}") from None
+        finally:
+            partial.unlink(missing_ok=True)
 
     @staticmethod
     def _split(path: Path) -> Samples:

@@ -100,6 +100,11 @@ SUPPORTED = {name: "avalanche.training" for name in (
     "ICaRL", "DER", "ER_ACE", "ER_AML", "MER", "MIR", "LFL", "FromScratchTraining", "LearningToPrompt")}
 SUPPORTED["LaMAML"] = "avalanche.training.supervised.lamaml_v2"
 ALIASES = {"si": "SynapticIntelligence", "l2p": "LearningToPrompt"}
+# the backbones of the papers, for strategies that cannot run on any backbone (see Strategy.paper_backbone):
+# L2P's prompted ViT-B/16 (ImageNet-21k, fine-tuned on 1k: Avalanche's default vit_base_patch16_224)
+PAPER_BACKBONES = {"LearningToPrompt": dict(
+    paper_backbone="vit_b16_in1k", backbone_pattern=r"(vit|deit)_.*",
+    backbone_need="it inserts prompts among a timm ViT's input tokens")}
 REQUIRED_DEFAULTS = {  # sources in the module docstring
     "EWC": {"ewc_lambda": 1.0}, "SynapticIntelligence": {"si_lambda": 1.0},
     "LwF": {"alpha": 1.0, "temperature": 1.0}, "GEM": {"patterns_per_exp": 256},
@@ -182,7 +187,7 @@ def strategy_class(short: str) -> type:
     __init__.__signature__ = signature
     cls = type(f"Avalanche{name}", (AvalancheStrategy,), {
         "__init__": __init__, "__module__": __name__, "avalanche_name": name, "avalanche_class": avalanche_class,
-        "hyperparameter_names": tuple(hyper), "own_optimizer": own_optimizer,
+        "hyperparameter_names": tuple(hyper), "own_optimizer": own_optimizer, **PAPER_BACKBONES.get(name, {}),
         "description": f"Avalanche {avalanche.__version__} {name} through cl-bench's generic adapter",
         "__doc__": f"Avalanche's {name} ({SUPPORTED[name]}) in the cl-bench runner; see the module docstring."})
     _CLASSES[name] = cls

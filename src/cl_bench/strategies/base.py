@@ -103,6 +103,12 @@ class Strategy(nn.Module):
     # None): the runner builds it, refuses it when it overlaps the stream, and lends its train data
     # as ``context.outside[key]``; the protocol card lists it as extra data
     outside_data_keys: dict[str, str | None] = {}
+    # the backbone of the method's paper (a model name or preset): compose picks it when model= is
+    # not given and the scenario's default model does not fully match ``backbone_pattern`` (a regular
+    # expression over the model's name or type; empty: any backbone fits); ``backbone_need`` says why
+    paper_backbone: str | None = None
+    backbone_pattern = ""
+    backbone_need = ""
 
     def __init__(self, backbone: Backbone, context: Context):
         super().__init__()

@@ -241,6 +241,9 @@ class ConTraCon(Strategy):
     description = "per-task convolutional re-weighting of a from-scratch transformer's Q/K/V; entropic task id"
     smoke_args = ("scenario=digits", "model=cct", "model.image_size=8", "model.embed_dim=32", "model.depth=2",
                   "model.num_heads=2", "strategy.kernel_size=3", "strategy.batch_size=32", "strategy.lr=0.003")
+    paper_backbone = "cct"
+    backbone_pattern = r"cct.*|(vit|deit)_.*"
+    backbone_need = "it re-weights the fused qkv projections of a transformer's attention"
 
     # the authors train with their CIFAR augmentation; the harness default feeds raw images
     protocol_switches = {"train_augment": "authors"}

@@ -117,9 +117,12 @@ def _rows(prepared, index: torch.Tensor):
 class MOS(ClassifierStrategy):
     description = ("MOS (AAAI'25): per-task adapters with merging (adapter_merge=paper|legacy), Gaussian "
                    "classifier alignment, self-refined adapter retrieval")
-    # one 8x8 patch per digit: a random-init ViT's CLS token then sees the whole image
+    paper_backbone = "vit_b16_in21k"
+    backbone_pattern = r"(vit|deit)_.*|minilm"
+    backbone_need = "its adapters go into the blocks of a ViT or of a BERT-style text encoder"
     protocol_switches = {"adapter_merge": "paper"}  # legacy: the authors' code behind the published numbers
     eval_batch_dependent = True  # adapter_merge=legacy drifts the stored adapters with every test batch
+    # one 8x8 patch per digit: a random-init ViT's CLS token then sees the whole image
     smoke_args = ("scenario=digits", "model=vit_tiny_test", "model.image_size=8", "model.patch_size=8",
                   "strategy.augment=false", "strategy.batch_size=16", "strategy.lr=0.1", "strategy.crct_epochs=3")
 
