@@ -121,11 +121,11 @@ def test_ctrl_c_marks_interrupted_and_resume_false_keeps_the_old_run(tmp_path, r
     assert summary["status"] == "interrupted" and summary["tasks_completed"] == 2
     assert [p.name for p in (directory / "checkpoints").iterdir()] == [f"task-{summary['tasks_completed']:03d}.pt"]
     resumed = start(results)
-    assert resumed.wait(timeout=300) == 0
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
     assert (directory / "scores.csv").read_bytes() == reference
     files = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
     fresh = start(results, "resume=false")
-    assert fresh.wait(timeout=300) == 0
+    assert fresh.wait(timeout=300) == 0, fresh.stdout.read()
     assert {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()} == files  # old run untouched
     assert (directory.with_name(directory.name + "-r2") / "scores.csv").read_bytes() == reference
 
