@@ -15,7 +15,8 @@ from cl_bench.cli import main
 from cl_bench.config import compose
 from cl_bench.models.factory import create_backbone
 from cl_bench.outside_data import input_digests
-from cl_bench.protocol import extra_data, switches, weights_digest
+from cl_bench.models.backbone import weights_fingerprint
+from cl_bench.protocol import extra_data, switches
 from cl_bench.protocol_flags import PROTOCOL_COLUMNS, legend, protocol_columns, table_flags, validate_card
 from cl_bench.runner import build_strategy, build_stream, run
 from cl_bench.scenarios.base import Samples
@@ -334,7 +335,7 @@ def test_the_card_lists_pretrained_weights_as_outside_data(tmp_path):
     strategy, stream, info = build_strategy(cfg, stream, Context(), lambda items, *args, **kwargs: items)
     [weights] = extra_data(cfg, stream, strategy, info)
     assert weights == {"role": "pretrained_weights", "source": strategy.backbone.pretrained_source,
-                       "data_hash": weights_digest(strategy.backbone)}
+                       "data_hash": weights_fingerprint(strategy.backbone)}
 
 
 def test_a_run_scored_on_a_validation_split_never_reads_the_test_set_and_is_flagged(tmp_path):

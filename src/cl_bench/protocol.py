@@ -46,16 +46,6 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    """sha256 (16 hex) over every tensor of ``module``'s state dict, in order."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        if isinstance(tensor, torch.Tensor):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def text_digest(*parts) -> str:
     digest = hashlib.sha256()
     for part in parts:
@@ -84,20 +74,21 @@ def extra_data(cfg, stream, strategy, info: dict) -> list[dict]:
     return found + strategy.outside_data()
 
 
-def card(cfg, stream, strategy, per_task: list[dict], info: dict, memory: PeakMemory, stored_kind: str) -> dict:
+def card(cfg, stream, strategy, per_task: list[dict], info: dict, memory: PeakMemory) -> dict:
     """The protocol block of ``summary.json`` after the tasks in ``per_task``."""
     budget = {k: v for k, v in cfg.budget.items() if v is not None}
-    stored = max((p.get("examples_stored", 0) for p in per_task), default=0)
+    stored = max((p["examples_stored"] for p in per_task), default=0)
     stages = [p["trainable_params"] for p in per_task]
     return {
         "samples_trained": sum(p["samples_trained"] for p in per_task),
         "samples_trained_per_task": [p["samples_trained"] for p in per_task],
-        "optimizer_steps": sum(p.get("optimizer_steps", 0) for p in per_task),
-        "optimizer_steps_per_task": [p.get("optimizer_steps", 0) for p in per_task],
+        "optimizer_steps": sum(p["optimizer_steps"] for p in per_task),
+        "optimizer_steps_per_task": [p["optimizer_steps"] for p in per_task],
         "epochs": cfg.strategy.get("epochs"),
         "budget": budget or None,
         "examples_stored": stored,
-        "examples_stored_kind": stored_kind if stored else None,
+        # a frozen backbone's inputs are its cached features: what a strategy stores of them too
+        "examples_stored_kind": ("features" if info["cached_features"] else "raw") if stored else None,
         "task_identity_train": type(strategy).task_identity_train,
         "task_identity_test": "given" if cfg.eval_mode == "til" else "none",
         "eval_batches": "per_task" if cfg.eval_mode == "til" else "mixed",

@@ -27,7 +27,7 @@ from cl_bench.config import config_hash, run_id
 from cl_bench.errors import UserError
 from cl_bench.evaluation import score_general, score_tasks
 from cl_bench.locking import run_lock
-from cl_bench.models.backbone import FeatureCache, VectorBackbone
+from cl_bench.models.backbone import FeatureCache, VectorBackbone, weights_fingerprint
 from cl_bench.models.factory import create_backbone
 from cl_bench.registry import SCENARIOS, STRATEGIES
 from cl_bench.scenarios.base import Samples, Stream
@@ -81,7 +81,7 @@ def build_strategy(cfg: DictConfig, stream: Stream, context: Context, progress) 
     info = {"backbone_params": sum(p.numel() for p in backbone.parameters()), "feature_seconds": 0.0,
             "cached_features": backbone.frozen, "pretrained": getattr(backbone, "pretrained_source", "")}
     if info["pretrained"]:
-        info["weights_digest"] = protocol.weights_digest(backbone)
+        info["weights_digest"] = weights_fingerprint(backbone)
     if backbone.frozen:
         start = time.perf_counter()
         cache = FeatureCache(cfg.cache_dir, batch_size=cfg.eval_batch_size, device=context.device,
@@ -213,8 +213,7 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
                 summary["general"] = {"suites": [g.name for g in stream.general],
                                       "scores": [[None if np.isnan(v) else float(v) for v in row]
                                                  for row in 100 * general_sums / general_counts]}
-            summary["protocol"] = protocol.card(cfg, stream, strategy, summary["per_task"], info, memory,
-                                                "features" if info["cached_features"] else "raw")
+            summary["protocol"] = protocol.card(cfg, stream, strategy, summary["per_task"], info, memory)
             summary["cost"] = costs(summary, strategy, trainable_names, info)
             summary["provenance"]["finished_at" if status == "finished" else "updated_at"] = time.time()
             summary["scores_sha256"] = record.write_scores(sums, counts)

@@ -183,6 +183,12 @@ class Strategy(nn.Module):
             return budget.steps_per_task
         return math.ceil(budget.samples_per_task / batch_size)
 
+    def planned_epochs(self, epochs: int, examples: int, batch_size: int) -> int:
+        """The epochs a task's training loop will run over ``examples`` in batches of ``batch_size``, for
+        schedules stepped once per epoch: ``epochs``, or as many as the budget's steps take."""
+        steps_per_epoch = max(1, math.ceil(examples / batch_size))
+        return math.ceil(self.planned_steps(epochs, steps_per_epoch, batch_size) / steps_per_epoch)
+
     def count_step(self, samples: int) -> None:
         """Count one optimizer step on ``samples`` examples (the protocol card's training counts)."""
         self.optimizer_steps += 1

@@ -336,8 +336,7 @@ class ConTraCon(Strategy):
         body = [p for p in self.parameters() if p.requires_grad and not any(p is h for h in head)]
         body_optimizer = torch.optim.AdamW(body, lr=self.lr, weight_decay=self.weight_decay)
         head_optimizer = torch.optim.SGD(head, lr=self.head_lr)
-        steps_per_epoch = max(1, math.ceil(len(task.train) / self.batch_size))
-        epochs = math.ceil(self.planned_steps(self.epochs, steps_per_epoch, self.batch_size) / steps_per_epoch)
+        epochs = self.planned_epochs(self.epochs, len(task.train), self.batch_size)
         schedule = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
             body_optimizer, T_0=max(1, epochs // 2), eta_min=self.min_lr)
         augment = authors_augmentation(task.train.inputs.shape[-1]) if self.train_augment == "authors" else None

@@ -248,8 +248,7 @@ class MOS(ClassifierStrategy):
         legacy_pull = merge_target if self.adapter_merge == "legacy" else None
         old_classes = self.class_task != len(self.snapshots)
         optimizer = self.make_optimizer()
-        steps_per_epoch = max(1, math.ceil(len(task.train) / self.batch_size))
-        epochs = math.ceil(self.planned_steps(self.epochs, steps_per_epoch, self.batch_size) / steps_per_epoch)
+        epochs = self.planned_epochs(self.epochs, len(task.train), self.batch_size)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1), eta_min=self.min_lr)
         for epoch in self.training_epochs(self.epochs):
             self.train()
