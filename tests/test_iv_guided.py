@@ -240,7 +240,7 @@ def test_progressive_intervention_decays_over_the_task():
     batch, _ = encoded_batch(model, colour)
     model._step, model._steps_total = 0, 8
     with_vector = float(model.loss(batch, colour))
-    plain = strategy(epochs=2)
+    plain = strategy(progressive_intervention=False, epochs=2)
     plain.before_task(colour)
     plain.train()
     model.lm.eval(), plain.lm.eval()  # no dropout: the two differ only by the intervention

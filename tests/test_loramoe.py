@@ -78,14 +78,19 @@ def test_lbc_of_uniform_routing_has_the_closed_form(batch, experts, expected):
         uniform_value(batch * experts, 0.1) * q, rel=1e-5)
 
 
-def test_lbc_is_summed_over_every_wrapped_linear_times_beta():
-    moe = strategy(blc_weight=0.5)
+@pytest.mark.parametrize("form", ["cv2", "var_over_mean"])
+def test_lbc_is_summed_over_every_wrapped_linear_times_beta(form):
+    moe = strategy(blc_weight=0.5, lbc_form=form)
     for module in moe.experts:
         torch.nn.init.zeros_(module.lora_router)  # uniform routing everywhere
     task = stream().tasks[0]
     batch = task.train.select(range(4))
-    lm_loss, aux = moe.auxiliary_loss(moe.encode(batch), moe.task_types(batch, task))
-    assert aux.item() == pytest.approx(12 * 0.5 * uniform_value(4 * 6, 0.1), rel=1e-5)
+    encoded = moe.encode(batch)
+    lm_loss, aux = moe.auxiliary_loss(encoded, moe.task_types(batch, task))
+    # uniform routing: Q = T/N for every (sample, expert) and Mean(C) = 1, so Mean(Z) = T/N (T: padded length)
+    mean_z = encoded["input_ids"].shape[1] / 6
+    per_linear = uniform_value(4 * 6, 0.1) * (mean_z if form == "var_over_mean" else 1.0)
+    assert aux.item() == pytest.approx(12 * 0.5 * per_linear, rel=1e-5)
     assert moe.loss(batch, task).item() == pytest.approx(lm_loss.item() + aux.item(), rel=1e-6)
 
 

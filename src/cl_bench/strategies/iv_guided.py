@@ -45,10 +45,10 @@ Choices and deviations, all deliberate:
   renders them (the model's chat template when it has one), not the authors' "N"-prefix format.
 * ℓ_edit (``edit_layer``): the released runs use 9 of Llama-2's 32 layers; ``edit_layer=-1`` (default)
   takes round(9·L/32) for an L-layer model.
-* ``progressive_intervention=true`` (off by default) adds γ_s·v_t at (ℓ_edit, p_b) in the main pass, γ_s
-  falling linearly from 1 to 0 over the task's steps (a declared budget's steps when there is one): the
-  v1/v3 papers' "progressive IV intervention", absent from the released code; its schedule is an
-  assumption. The protocol card flags runs without it (``protocol_switches``: the paper's value is on).
+* ``progressive_intervention=true`` (the default, as in the papers) adds γ_s·v_t at (ℓ_edit, p_b) in the
+  main pass, γ_s falling linearly from 1 to 0 over the task's steps (a declared budget's steps when there
+  is one): the v1/v3 papers' "progressive IV intervention". It is absent from the released code
+  (``false`` reproduces the code, flagged on the leaderboard) and its schedule is an assumption.
 * KL terms are computed in float32; a prompt cut away entirely (answer fills max_length) uses p_b = 0.
 * Constant learning rate, plain PyTorch with gradient clipping (theirs: DeepSpeed ZeRO-2, bf16).
 """
@@ -107,7 +107,7 @@ class IVGuided(LanguageModelStrategy):
     def __init__(self, backbone, context, *, lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.1,
                  lora_targets: str = "q_proj,v_proj", kl_alpha1: float = 20.0, kl_alpha2: float = 0.1,
                  pr_alpha: float = 1.0, temperature: float = 2.0, edit_layer: int = -1, heads: str = "",
-                 top_heads: int = 10, n_trials: int = 100, progressive_intervention: bool = False,
+                 top_heads: int = 10, n_trials: int = 100, progressive_intervention: bool = True,
                  vector_scale: str = "residual_norm", **kwargs):
         super().__init__(backbone, context, **kwargs)
         if min(kl_alpha1, kl_alpha2, pr_alpha) < 0 or temperature <= 0 or n_trials < 1 or top_heads < 1:

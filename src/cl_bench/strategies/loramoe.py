@@ -19,13 +19,16 @@ LBC, per wrapped linear, with per-sample types τ_m ∈ {0, 1} (1 = world knowle
     Q[m, n] = Σ_t G[m, t, n]                 (importance: summed over all positions, padding included)
     C[m, n] = 1+δ if (τ_m = 1 and n ∈ A) or (τ_m = 0 and n ∈ B), else 1−δ
     Z = flatten(C ⊙ Q) ∈ R^{B·N}
-    L_lbc = Var_unbiased(Z) / (Mean(Z)² + 1e−10)        (``lbc_form=cv2``, the code; in float32)
-          = Var_unbiased(Z) / (Mean(Z) + 1e−10)         (``lbc_form=var_over_mean``, as the paper prints it)
+    L_lbc = Var_unbiased(Z) / (Mean(Z) + 1e−10)         (``lbc_form=var_over_mean``, the default: as the paper prints it)
+          = Var_unbiased(Z) / (Mean(Z)² + 1e−10)        (``lbc_form=cv2``: the released code's CV²; in float32)
 
 and the loss is L = L_NTP + β Σ_layers Σ_{gate,up,down} L_lbc (δ = ``blc_alpha``, β = ``blc_weight``), with
 no auxiliary term when the types are missing or β = 0. L_lbc is smallest when Z is constant, i.e. when the
-raw importance is ∝ 1/C: the group with coefficient 1+δ ends with proportionally *less* routing mass. This
-is the formula as released; it is implemented as written. For a uniform router L_lbc = δ² n/(n−1), n = B·N.
+raw importance is ∝ 1/C: the group with coefficient 1+δ ends with proportionally *less* routing mass. Both
+forms are implemented as written. For a uniform router cv2 gives δ² n/(n−1), n = B·N, whatever the length;
+the paper's form is that times Mean(Z) ≈ T/N, so it grows with the sequence length T (a stronger pull at the
+same β on long sequences). The default follows the paper (the harness's rule where paper and code differ);
+``lbc_form=cv2`` reproduces the released code and is flagged ``lbc_form=cv2`` on the leaderboard.
 
 Deliberate deviations and harness choices:
 * LoRAMoE is a multi-task SFT method; here the same routers and experts train through the task stream.
@@ -147,11 +150,11 @@ def inject_loramoe(model: nn.Module, targets: list[str], state: LBCState, **opti
 
 class LoRAMoE(LanguageModelStrategy):
     description = "mixture of LoRA experts with routers in every FFN linear and the localized balancing constraint"
-    protocol_switches = {"lbc_form": "var_over_mean"}  # as the paper prints L_lbc; cv2 (the default) is the code
+    protocol_switches = {"lbc_form": "var_over_mean"}  # as the paper prints L_lbc (the default); cv2 is the code
 
     def __init__(self, backbone, context, *, num_experts: int = 6, lora_r: int = 4, lora_alpha: float = 32.0,
                  lora_dropout: float = 0.05, blc_alpha: float = 0.1, blc_weight: float = 0.1,
-                 lbc_form: str = "cv2", task_type_rule: str = "task_parity",
+                 lbc_form: str = "var_over_mean", task_type_rule: str = "task_parity",
                  lora_targets: str = "gate_proj,up_proj,down_proj", lr: float = 2e-4, **kwargs):
         super().__init__(backbone, context, lr=lr, **kwargs)
         if num_experts < 2 or num_experts % 2:
