@@ -123,9 +123,11 @@ def test_mixed_batches_mix_every_task_and_split_counts_back_per_task():
                           Samples(targets[:, None].float(), targets), classes))
     strategy = Recorder()
     generator_state, global_state = strategy.context.generator.get_state(), torch.get_rng_state()
-    results = evaluate_mixed(strategy, tasks, 6, batch_size=8, seed=3)
+    results, own_task = evaluate_mixed(strategy, tasks, 6, batch_size=8, seed=3)
     # the even class of each task is right, its odd class wrong (class 0 is right either way)
     assert results == [(10.0, 20), (11.0, 22), (12.0, 24)]
+    # task identified: all of task 0 (its odd class goes to class 0, still its own), the even halves of the rest
+    assert own_task == 20 + 11 + 12
     assert all(len({label // 2 for label in batch}) > 1 for batch in strategy.seen[:-1])
     assert sorted(sum(strategy.seen, [])) == sorted(torch.cat([t.test.targets for t in tasks]).tolist())
     assert torch.equal(strategy.context.generator.get_state(), generator_state)
@@ -198,3 +200,14 @@ def test_a_strategy_that_needs_the_task_at_test_runs_only_under_til(tmp_path, ca
     finally:
         STRATEGIES._entries.pop("needs_task_at_test")
         STRATEGIES._origins.pop("needs_task_at_test")
+
+
+def test_task_identification_is_recorded_per_task_under_cil_only(tmp_path):
+    _, cil = scores(config(tmp_path / "cil", "scenario=toy"))
+    identified = [p["task_identified"] for p in cil["per_task"]]
+    assert identified[0] == 100.0  # one task seen: every prediction is among its classes
+    # a right prediction is in its own task, so identification bounds accuracy from above
+    assert all(p["score"] <= p["task_identified"] <= 100 for p in cil["per_task"])
+    assert cil["metrics"]["task_identified_final"] == identified[-1]
+    _, til = scores(config(tmp_path / "til", "scenario=toy", "eval_mode=til"))
+    assert "task_identified" not in til["per_task"][-1] and "task_identified_final" not in til["metrics"]

@@ -3,7 +3,9 @@
 ``eval_mode=cil`` gives the strategy no task identity, not even through its batches: the test examples
 of every task scored in that row are pooled, put in one fixed shuffled order (a generator of its own,
 seeded with the run's seed, so training and resume never see it) and cut into batches of
-``eval_batch_size``; correct counts or scores are split back per task afterwards. Instruction prompts are
+``eval_batch_size``; correct counts or scores are split back per task afterwards, and for class streams
+the share of predictions that fall among their own task's classes (task identification) is counted
+too. Instruction prompts are
 pooled the same way, each keeping its own task's ``max_new_tokens`` and scorer. ``eval_mode=til`` hands
 the task over: per-task batches, logits masked to the task's classes. General suites are scored one
 suite at a time (they are evaluation-only suites, not tasks of the stream).
@@ -21,20 +23,24 @@ from cl_bench.scenarios.base import Samples, Task
 
 
 def score_tasks(strategy, stream, row: int, columns, sums: np.ndarray, counts: np.ndarray, *, eval_mode: str,
-                batch_size: int, seed: int) -> None:
+                batch_size: int, seed: int) -> float | None:
     """Fill ``sums[row, j]``, ``counts[row, j]`` for the tasks ``columns``: mixed batches under ``cil``,
-    per-task batches under ``til``."""
+    per-task batches under ``til``. Returns the percent of the pooled samples predicted as a class of
+    their own task (class streams under ``cil``; None otherwise)."""
     columns = list(columns)
     tasks = [stream.tasks[j] for j in columns]
+    identified = None
     if eval_mode == "til":
         results = [evaluate_instructions(strategy, task) if stream.kind == "instructions"
                    else evaluate(strategy, task, stream.num_classes, "til", batch_size) for task in tasks]
     elif stream.kind == "instructions":
         results = evaluate_instructions_mixed(strategy, tasks, batch_size, seed)
     else:
-        results = evaluate_mixed(strategy, tasks, stream.num_classes, batch_size, seed)
+        results, own_task = evaluate_mixed(strategy, tasks, stream.num_classes, batch_size, seed)
+        identified = 100 * own_task / sum(count for _, count in results)
     for j, (total, count) in zip(columns, results):
         sums[row, j], counts[row, j] = total, count
+    return identified
 
 
 def score_general(strategy, stream, row: int, sums: np.ndarray, counts: np.ndarray) -> None:
@@ -72,18 +78,25 @@ def padded_logits(strategy, inputs, num_classes: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_mixed(strategy, tasks: list[Task], num_classes: int, batch_size: int,
-                   seed: int) -> list[tuple[float, int]]:
-    """(correct predictions, samples) per task, from batches that mix all ``tasks``' test samples."""
+                   seed: int) -> tuple[list[tuple[float, int]], int]:
+    """(correct predictions, samples) per task, from batches that mix all ``tasks``' test samples, and
+    how many samples were predicted as a class of their own task."""
     strategy.eval()
     owner, position = mixed_order(tasks, seed)
+    task_of_class = torch.full((num_classes,), -1, dtype=torch.long)
+    for i, task in enumerate(tasks):
+        task_of_class[list(task.classes)] = i
     correct = torch.zeros(len(tasks), dtype=torch.long)
+    own_task = 0
     starts = range(0, len(owner), batch_size)
     for start in strategy.context.progress(starts, f"eval {len(tasks)} tasks, mixed", total=len(starts)):
         batch_owner = owner[start:start + batch_size]
         batch = gather([task.test for task in tasks], batch_owner, position[start:start + batch_size])
-        hit = (padded_logits(strategy, batch.inputs, num_classes).argmax(1) == batch.targets.to(strategy.device))
-        correct += torch.bincount(batch_owner[hit.cpu()], minlength=len(tasks))
-    return [(float(c), len(task.test)) for c, task in zip(correct.tolist(), tasks)]
+        predicted = padded_logits(strategy, batch.inputs, num_classes).argmax(1).cpu()
+        hit = predicted == batch.targets.cpu()
+        correct += torch.bincount(batch_owner[hit], minlength=len(tasks))
+        own_task += int((task_of_class[predicted] == batch_owner).sum())
+    return [(float(c), len(task.test)) for c, task in zip(correct.tolist(), tasks)], own_task
 
 
 @torch.no_grad()

@@ -25,7 +25,12 @@ from cl_bench.errors import UserError
 GROUP_COLUMNS = ["scenario", "model", "strategy", "eval_mode", "group_hash"]
 COST_COLUMNS = ["train_seconds", "eval_seconds", "trainable_params", "params_added_per_task",
                 "peak_memory_mb", "samples_per_second", "train_tokens_per_second", "generation_tokens_per_second"]
-COST_DEFINITIONS = {
+# read from summary["metrics"] like the metrics, but not computable from the score matrices
+DIAGNOSTIC_COLUMNS = ["task_identified_final"]
+COLUMN_DEFINITIONS = {  # the columns that are not metrics.METRIC_COLUMNS
+    "task_identified_final": "Percent of the last evaluation's pooled test samples (cil, class streams) predicted as a "
+                             "class of their own task, right or wrong: how often the task is identified; 100/T for "
+                             "a model that puts every prediction in one task's classes.",
     "train_tokens_per_second": "tokens (prompt and answer, no padding) trained on per second of training",
     "generation_tokens_per_second": "tokens generated per second of generation during evaluation",
 }
@@ -34,7 +39,7 @@ JOINT_REFERENCES = ("joint", "multitask")
 MARKDOWN_METRICS = ["acc_final_task_mean", "acc_final_sample_weighted", "acc_avg_incremental",
                     "forgetting_max_prev", "forgetting_first_last", "bwt_last_row", "intransigence"]
 # shown in a section only when one of its runs has them (instruction streams)
-OPTIONAL_MARKDOWN = ["general_retention_delta", "train_tokens_per_second", "generation_tokens_per_second"]
+OPTIONAL_MARKDOWN = ["task_identified_final", "general_retention_delta", "train_tokens_per_second", "generation_tokens_per_second"]
 
 
 @dataclass
@@ -172,10 +177,10 @@ def aggregate(runs: list[dict]) -> pd.DataFrame:
     rows = []
     for summary in runs:
         row = {key: summary[key] for key in GROUP_COLUMNS + ["seed"]}
-        row.update({name: summary["metrics"].get(name) for name in metrics.METRIC_COLUMNS})
+        row.update({name: summary["metrics"].get(name) for name in [*metrics.METRIC_COLUMNS, *DIAGNOSTIC_COLUMNS]})
         row.update({name: summary["cost"].get(name) for name in COST_COLUMNS})
         rows.append(row)
-    columns = GROUP_COLUMNS + ["seed"] + list(metrics.METRIC_COLUMNS) + COST_COLUMNS
+    columns = GROUP_COLUMNS + ["seed"] + list(metrics.METRIC_COLUMNS) + DIAGNOSTIC_COLUMNS + COST_COLUMNS
     table = pd.DataFrame(rows, columns=columns)
     values = [c for c in columns if c not in GROUP_COLUMNS + ["seed"]]
     table[values] = table[values].apply(pd.to_numeric, errors="coerce")
@@ -233,7 +238,7 @@ def markdown(board: pd.DataFrame, excluded: list[tuple[str, str]]) -> str:
                   + ("; ".join(rules) if rules else "none, every row trained and evaluated alike") + ".\n")
     out.write("\n## Definitions\n\n")
     for name in MARKDOWN_METRICS + OPTIONAL_MARKDOWN:
-        out.write(f"- `{name}`: {metrics.DEFINITIONS.get(name) or COST_DEFINITIONS[name]}\n")
+        out.write(f"- `{name}`: {metrics.DEFINITIONS.get(name) or COLUMN_DEFINITIONS[name]}\n")
     if excluded:
         out.write("\n## Excluded runs\n\n")
         for name, reason in excluded:

@@ -400,7 +400,7 @@ def render(results_dir, sections: list[Section], board: pd.DataFrame, excluded: 
                 figures[unique(figures, f"{slug(run['run_id'])}-heatmap.png")] = heatmap
         body.append("</details>")
     definitions = "".join(f"<dt><code>{escape(name)}</code></dt><dd>{escape(text)}</dd>"
-                          for name, text in {**metrics.DEFINITIONS, **leaderboard.COST_DEFINITIONS}.items())
+                          for name, text in {**metrics.DEFINITIONS, **leaderboard.COLUMN_DEFINITIONS}.items())
     body.append(f"<h2>Definitions</h2><details><summary>metric definitions (results/README.md has the full "
                 f"table)</summary><dl>{definitions}</dl></details>")
     body.append("<h2>Excluded runs</h2>" + (

@@ -209,6 +209,8 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
             general = 100 * general_sums[: done + 1] / general_counts[: done + 1] if G else None
             summary["metrics"] = metrics.compute_all(sums[: done + 1, :done], counts[: done + 1, :done],
                                                      general=general) if done else {}
+            if done and "task_identified" in summary["per_task"][done - 1]:
+                summary["metrics"]["task_identified_final"] = summary["per_task"][done - 1]["task_identified"]
             if G:
                 summary["general"] = {"suites": [g.name for g in stream.general],
                                       "scores": [[None if np.isnan(v) else float(v) for v in row]
@@ -238,7 +240,7 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
                 trained = time.perf_counter() - began
                 began = time.perf_counter()
                 scored = range(T) if cfg.eval_unseen else range(t + 1)
-                score_tasks(strategy, stream, t + 1, scored, sums, counts, **scoring)
+                identified = score_tasks(strategy, stream, t + 1, scored, sums, counts, **scoring)
                 score_general(strategy, stream, t + 1, general_sums, general_counts)
                 tokens = {k: v - tokens_before[k] for k, v in token_counters(strategy).items()}
                 summary["per_task"].append({
@@ -250,6 +252,7 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
                     "examples_stored": strategy.examples_stored(),
                     "samples_evaluated": int(np.nansum(counts[t + 1])),
                     "score": float(100 * np.nansum(sums[t + 1, : t + 1]) / np.nansum(counts[t + 1, : t + 1])),
+                    **({} if identified is None else {"task_identified": identified}),
                     **tokens,
                 })
                 summary["tasks_completed"] = t + 1
