@@ -156,7 +156,7 @@ def test_keep_checkpoints_prunes_and_a_damaged_newest_falls_back(tmp_path, capsy
     from rich.console import Console
 
     resumed = run(cfg, console=Console(stderr=True))
-    assert "checkpoint task-004.pt is unreadable" in capsys.readouterr().err
+    assert "checkpoint task-004.pt is unusable" in capsys.readouterr().err
     assert resumed["scores_sha256"] == reference["scores_sha256"]
 
 

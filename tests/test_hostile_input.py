@@ -202,6 +202,57 @@ def test_a_malicious_pickle_as_checkpoint_is_refused(tmp_path, capsys):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.parametrize("content", [{"a": 1}, [], None, {"tasks_completed": 1, "strategy": [1]}])
+def test_a_checkpoint_of_the_wrong_shape_is_one_line_and_leaves_the_run_intact(tmp_path, capsys, content):
+    import torch
+
+    args = ["strategy=finetune", *CHEAP, f"results_dir={tmp_path}", f"cache_dir={tmp_path}/cache"]
+    assert main(["run", *args]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    summary["status"] = "interrupted"
+    (run / "summary.json").write_text(json.dumps(summary))
+    (checkpoint,) = (run / "checkpoints").iterdir()
+    torch.save(content, checkpoint)
+    before = tree(run)
+    capsys.readouterr()
+    assert main(["run", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {checkpoint} is unusable" in err and "resume=false" in err
+    assert len([line for line in err.splitlines() if line.startswith("error")]) == 1 and "Traceback" not in err
+    assert tree(run) == before
+
+
+@pytest.mark.parametrize("argv", [["seed=" + "[" * 5000 + "]" * 5000], ["plugins=[1]"], ["plugins=[null]"],
+                                  ["plugins=..relative"]])
+def test_deep_or_mistyped_overrides_are_user_errors(tmp_path, capsys, argv):
+    assert main(["run", *argv, f"results_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error") and len(err.splitlines()) == 1
+    assert ("seed=" if argv[0].startswith("seed") else "plugin") in err
+
+
+def test_deep_files_are_refused_by_depth_not_by_the_recursion_limit(tmp_path, capsys):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("seeds: " + "[" * 3000 + "0" + "]" * 3000 + "\nruns:\n  - strategy=finetune\n")
+    assert main(["bench", str(suite), f"results_dir={tmp_path}"]) == 2
+    assert f"suite {suite} is refused: nested deeper than 100 levels" in capsys.readouterr().err
+    args = ["strategy=finetune", *CHEAP, f"results_dir={tmp_path}", f"cache_dir={tmp_path}/cache"]
+    assert main(["run", *args]) == 0
+    assert main(["run", *args, "seed=1"]) == 0
+    deep, intact = sorted((tmp_path / "runs").iterdir())
+    (deep / "summary.json").write_text('{"a": ' * 3000 + "1" + "}" * 3000)
+    capsys.readouterr()
+    for command in (["leaderboard", str(tmp_path)], ["show", str(deep)]):
+        code = main(command)
+        out, err = capsys.readouterr()
+        assert "RecursionError" not in out + err and "internal error" not in err
+    assert main(["leaderboard", str(tmp_path)]) == 0
+    board = (tmp_path / "LEADERBOARD.md").read_text()
+    assert f"`{deep.name}`: corrupt: {deep / 'summary.json'} is refused: nested deeper than 100 levels" in board
+    assert code == 2  # show on the damaged run alone: one line
+
+
 def test_yaml_with_a_python_tag_is_refused_everywhere(tmp_path, capsys):
     payload = f"!!python/object/apply:os.system ['touch {tmp_path / 'pwned'}']"
     suite = tmp_path / "suite.yaml"
