@@ -95,6 +95,30 @@ def test_a_locked_run_is_refused_by_run_and_waited_for_by_bench(capsys, tmp_path
     assert len(scores(results)) == 4
 
 
+def test_a_run_finished_by_another_process_while_waiting_counts_as_already_done(capsys, tmp_path, suite,
+                                                                                monkeypatch):
+    from cl_bench import runner
+    from cl_bench.config import compose, run_id
+
+    results = tmp_path / "r"
+    cfg = compose(["strategy=er", "scenario=toy", "seed=1", *bench_args(results)])
+    lock = run_lock(results, run_id(cfg))
+    lock.__enter__()  # another process holds the run...
+    real_run_lock = runner.run_lock
+
+    def finish_then_wait(results_dir, identity, *, wait=False):
+        if wait:  # ...and finishes it while the bench waits for the lock
+            lock.__exit__(None, None, None)
+            runner.run(cfg)
+        return real_run_lock(results_dir, identity, wait=wait)
+
+    monkeypatch.setattr(runner, "run_lock", finish_then_wait)
+    assert main(["bench", str(suite), *bench_args(results)]) == 0
+    err = capsys.readouterr().err
+    assert "already finished er on toy / mlp, seed 1" in err
+    assert "4/4 done (3 finished, 1 already done" in err
+
+
 def test_two_bench_processes_on_one_suite_train_each_run_once(tmp_path, suite):
     results = tmp_path / "r"
     command = [sys.executable, "-c", "from cl_bench.cli import console_main; console_main()", "bench", str(suite),
@@ -108,6 +132,11 @@ def test_two_bench_processes_on_one_suite_train_each_run_once(tmp_path, suite):
     assert len(runs) == 4
     for run_id in runs:  # trained by exactly one of the two processes
         assert sum(out.count(f"{run_id}: task 1/3 done") for out in outputs) == 1, outputs
+    # and each process's tally counts as finished only the runs it trained
+    trained = [sum(out.count(f"{run_id}: task 1/3 done") for run_id in runs) for out in outputs]
+    tallies = [re.findall(r"4/4 done \((\d+) finished, (\d+) already done", out)[-1] for out in outputs]
+    assert [int(finished) for finished, _ in tallies] == trained, outputs
+    assert all(int(f) + int(a) == 4 for f, a in tallies)
 
 
 def test_bench_keys_are_checked(capsys, tmp_path, suite):

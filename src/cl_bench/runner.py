@@ -164,7 +164,7 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
     previous = record.previous()
     if previous and cfg.resume and previous.get("status") == "finished":
         say(f"[dim]{record.id}: already finished, skipped[/dim]")
-        return previous
+        return {**previous, "skipped": True}  # not written: tells the caller that this call trained nothing
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     budget = {k: v for k, v in cfg.budget.items() if v is not None}

@@ -121,8 +121,8 @@ def execute(argv: list[str], wait_for_lock: bool = False, gather: bool = False, 
     try:
         cfg = compose(argv)
         summary = run(cfg, console=console, wait_for_lock=wait_for_lock)
-        finished_at = summary.get("provenance", {}).get("finished_at", began)
-        outcome.update(status="skipped" if finished_at < began else "finished", run_id=summary["run_id"],
+        # skipped: finished before, by an earlier bench or by another process while this one waited for its lock
+        outcome.update(status="skipped" if summary.get("skipped") else "finished", run_id=summary["run_id"],
                        message=f"acc_final_task_mean {summary['metrics'].get('acc_final_task_mean') or 0:.2f}")
         if gather:
             directory = Path(cfg.results_dir) / "runs" / summary["run_id"]
