@@ -18,10 +18,13 @@ TRACKED_PACKAGES = ("cl-bench", "torch", "torchvision", "timm", "transformers", 
 
 
 def _atomic(path: Path, write) -> None:
+    """Write through a temporary file renamed over ``path``: a failed write (a full disk, a folder made
+    read-only) leaves the old file as it was and raises OSError naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()
@@ -30,8 +33,11 @@ def _atomic(path: Path, write) -> None:
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
         raise
 
 
