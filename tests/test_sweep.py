@@ -166,12 +166,33 @@ def test_ray_local_instance_gives_the_inline_results(capsys, monkeypatch, tmp_pa
     ray = pytest.importorskip("ray")
     monkeypatch.setenv("RAY_ADDRESS", "10.255.255.1:6379")
     monkeypatch.setenv("PYTHONPATH", SRC)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.ray/auth_token of the user's
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(key, raising=False)
     assert main(["bench", str(suite), *bench_args(tmp_path / "inline")]) == 0
     assert main(["bench", str(suite), *bench_args(tmp_path / "ray", "executor=ray")]) == 0
     assert not ray.is_initialized()  # shut down after the suite
     err = capsys.readouterr().err
-    assert "started a local instance at" in err and "dashboard off" in err and "10.255.255.1" not in err
+    assert "started a local instance at 127.0.0.1:" in err and "dashboard off" in err and "10.255.255.1" not in err
     assert scores(tmp_path / "ray") == scores(tmp_path / "inline")
+    # the instance authenticated with a token that never touched the disk, and took it away when done
+    assert not (tmp_path / "home" / ".ray" / "auth_token").exists() and "RAY_AUTH_TOKEN" not in os.environ
+
+
+def test_a_saved_ray_token_readable_by_others_is_made_owner_only(monkeypatch, tmp_path):
+    from cl_bench.sweep import private_ray_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(key, raising=False)
+    saved = tmp_path / ".ray" / "auth_token"
+    saved.parent.mkdir()
+    saved.write_text("0" * 64)
+    saved.chmod(0o644)
+    assert private_ray_token() is False  # Ray uses the user's token
+    assert saved.stat().st_mode & 0o777 == 0o600 and "RAY_AUTH_TOKEN" not in os.environ
+    saved.unlink()
+    assert private_ray_token() is True and len(os.environ.pop("RAY_AUTH_TOKEN")) == 64
 
 
 def test_ray_connects_to_the_address_given(capsys, monkeypatch, tmp_path, suite):
