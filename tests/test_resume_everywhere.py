@@ -1,9 +1,8 @@
 """Every resumable strategy survives ``kill -9`` inside its second task: the same command, rerun, gives
 the uninterrupted run's ``scores.csv`` byte for byte.
 
-The kill is delivered by the process to itself at a chosen moment, so the test never races a timer: a
-plugin module (``plugins`` is not hashed, so the run id is the same) wraps ``Strategy.count_step`` and
-SIGKILLs the process at optimizer step N of the run, N drawn (seeded) inside task 2 from the
+The kill is delivered by the process to itself at a chosen moment (``cl_bench.kill_switch``), so the
+test never races a timer: at optimizer step N of the run, N drawn (seeded) inside task 2 from the
 uninterrupted run's per-task step counts; a strategy that takes no optimizer step in task 2 is killed
 when task 2 is scored, after it learnt task 2 and before its summary and checkpoint are written.
 """
@@ -22,32 +21,6 @@ from cl_bench.registry import STRATEGIES, hyperparameters
 from cl_bench.runner import Run, run
 
 SRC = str(Path(cl_bench.__file__).resolve().parents[1])
-KILL_PLUGIN = """
-import os, signal
-from cl_bench import runner
-from cl_bench.strategies.base import Strategy
-
-where, _, at = os.environ["CL_BENCH_KILL_AT"].partition(":")
-if where == "step":
-    count_step, steps = Strategy.count_step, [0]
-
-    def counting(self, samples):
-        steps[0] += 1
-        if steps[0] == int(at):
-            os.kill(os.getpid(), signal.SIGKILL)
-        count_step(self, samples)
-
-    Strategy.count_step = counting
-else:
-    score_tasks = runner.score_tasks
-
-    def scoring(strategy, stream, row, *args, **kwargs):
-        if row == int(at):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return score_tasks(strategy, stream, row, *args, **kwargs)
-
-    runner.score_tasks = scoring
-"""
 
 
 def smoke_args(name: str, results: Path) -> list[str]:
@@ -64,12 +37,10 @@ def test_kill_9_inside_task_2_then_rerun_gives_the_same_scores(tmp_path, name):
     first, second = (p["optimizer_steps"] for p in reference["per_task"][:2])
     kill_at = f"step:{first + random.Random(name).randint(1, second)}" if second else "scoring:2"
 
-    (tmp_path / "kill_plugin.py").write_text(KILL_PLUGIN)
     args = smoke_args(name, tmp_path / "killed")
-    killed = subprocess.run([sys.executable, "-m", "cl_bench.cli", "run", *args, "plugins=[kill_plugin]"],
+    killed = subprocess.run([sys.executable, "-m", "cl_bench.cli", "run", *args, "plugins=[cl_bench.kill_switch]"],
                             capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{SRC}",
-                                 "CL_BENCH_KILL_AT": kill_at})
+                            env={**os.environ, "PYTHONPATH": SRC, "CL_BENCH_KILL_AT": kill_at})
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     cfg = compose(args)
     assert Run(cfg).previous()["tasks_completed"] == 1  # killed inside task 2: task 1's files only
