@@ -1,7 +1,7 @@
 """Hostile-input fuzzing at scale: the property tests of tests/test_hostile_input.py (fuzzed CLI overrides,
 suite files and damaged results files) with many more examples than the test suite runs.
 
-    .venv/bin/python benchmarks/fuzz_inputs.py [--examples 2000]
+    .venv/bin/python benchmarks/fuzz_inputs.py [--examples 5000]
 
 Prints the inputs tried per family, their exit codes, and the tracebacks seen (the run fails on any).
 """
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=2000, help="examples per family")
+    parser.add_argument("--examples", type=int, default=5000, help="examples per family")
     args = parser.parse_args()
     env = {**os.environ, "CL_BENCH_FUZZ_EXAMPLES": str(args.examples), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1"}

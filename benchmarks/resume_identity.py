@@ -1,10 +1,15 @@
-"""Resume identity under ``kill -9``: one run uninterrupted, the same run SIGKILLed K times at random
-moments (each time just after a task finished, plus a random delay into its writes or the next task) and
-rerun until it finishes. Prints the kills and whether the final score matrices are byte-identical.
+"""Resume identity under ``kill -9``, per strategy family: one uninterrupted run, then K rounds of the same
+run SIGKILLed at a random optimizer step (``cl_bench.kill_switch``: the process kills itself at that step,
+so the moment is exact, never a timer) and rerun to the end. Prints, per kill, the step and whether the
+resumed ``scores.csv`` is byte-identical to the uninterrupted one.
 
-    .venv/bin/python benchmarks/resume_identity.py [--kills 7] [--seed 0] [--strategy er]
+Families: class (``er`` on 10 one-class digit tasks), instruction (``seqlora`` on ``instruct_toy`` with
+``tiny_llama``) and Avalanche (``avalanche.replay``: it is not resumable and restarts from task 1, so its
+line checks that the restart ends where an uninterrupted run does).
 
-Exit status 1 when the matrices differ.
+    .venv/bin/python benchmarks/resume_identity.py [--kills 20] [--seed 0] [--family class instruction avalanche]
+
+Exit status 1 when any kill gave a different matrix.
 """
 from __future__ import annotations
 
@@ -16,54 +21,63 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-TASKS = 10
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+FAMILIES = {
+    "class": ["strategy=er", "scenario=digits", "scenario.increment=1", "model=mlp", "strategy.epochs=5"],
+    "instruction": ["strategy=seqlora", "scenario=instruct_toy", "model=tiny_llama", "strategy.lr=0.01",
+                    "strategy.batch_size=4", "strategy.epochs=2"],
+    "avalanche": ["strategy=avalanche.replay", "scenario=digits", "model=mlp", "strategy.epochs=2"],
+}
 
 
-def command(results: Path, strategy: str) -> list[str]:
-    return [sys.executable, "-m", "cl_bench.cli", "run", f"strategy={strategy}", "scenario=digits",
-            "scenario.increment=1", "model=mlp", "strategy.epochs=40", "progress=false", "device=cpu",
-            f"results_dir={results}"]
+def run(results: Path, family: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    plugins = []
+    if kill_at:
+        env["CL_BENCH_KILL_AT"] = kill_at
+        plugins = ["plugins=[cl_bench.kill_switch]"]
+    return subprocess.run([sys.executable, "-m", "cl_bench.cli", "run", *FAMILIES[family], "progress=false",
+                           "device=cpu", f"results_dir={results}", f"cache_dir={results.parent}/cache", *plugins],
+                          capture_output=True, text=True, env=env)
+
+
+def scores(results: Path) -> bytes:
+    (path,) = results.glob("runs/*/scores.csv")
+    return path.read_bytes()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kills", type=int, default=7)
+    parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--strategy", default="er")
+    parser.add_argument("--family", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
     args = parser.parse_args()
     chance = random.Random(args.seed)
-    env = {**os.environ, "COLUMNS": "200"}
-    with tempfile.TemporaryDirectory() as scratch:
-        reference, killed = Path(scratch, "reference"), Path(scratch, "killed")
-        subprocess.run(command(reference, args.strategy), check=True, capture_output=True, env=env)
-        kills = []
-        while len(kills) < args.kills:
-            process = subprocess.Popen(command(killed, args.strategy), stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True, env=env)
-            summaries = list(killed.glob("runs/*/summary.json"))
-            done = json.loads(summaries[0].read_text())["tasks_completed"] if summaries else 0
-            target = done + 1 if done < TASKS - 1 else None
-            reached = target is not None and any(f"task {target}/{TASKS} done" in line for line in process.stdout)
-            if not reached:  # the run finished: start the next round of kills from scratch
-                process.wait()
-                if len(kills) < args.kills:
-                    print(f"run finished after {len(kills)} kills; more kills need another run")
-                break
-            time.sleep(chance.uniform(0.0, 0.15))
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-                kills.append(target)
-            process.wait()
-        final = subprocess.run(command(killed, args.strategy), capture_output=True, text=True, env=env)
-        same = [p.read_bytes() for p in sorted(reference.glob("runs/*/scores.csv"))] == \
-               [p.read_bytes() for p in sorted(killed.glob("runs/*/scores.csv"))]
-        print(f"strategy {args.strategy}, {TASKS} tasks: {len(kills)} kill -9s, each just after task "
-              f"{', '.join(map(str, kills))} (+0-150 ms); final rerun exit {final.returncode}; "
-              f"score matrix identical to the uninterrupted run: {same}")
-        sys.exit(0 if same and final.returncode == 0 else 1)
+    failures = 0
+    for family in args.family:
+        with tempfile.TemporaryDirectory() as scratch:
+            reference = Path(scratch, "reference")
+            done = run(reference, family)
+            if done.returncode:
+                sys.exit(f"{family}: the uninterrupted run failed: {done.stderr.strip().splitlines()[-1:]}")
+            (summary,) = reference.glob("runs/*/summary.json")
+            steps = json.loads(summary.read_text())["protocol"]["optimizer_steps"]
+            identical = 0
+            for kill in range(1, args.kills + 1):
+                results, step = Path(scratch, f"kill-{kill}"), chance.randint(1, steps)
+                killed = run(results, family, f"step:{step}")
+                resumed = run(results, family)
+                same = killed.returncode == -signal.SIGKILL and resumed.returncode == 0 and \
+                    scores(results) == scores(reference)
+                identical += same
+                print(f"{family} kill {kill:>2}: SIGKILL at step {step:>4} of {steps}, "
+                      f"{'identical' if same else 'DIFFERENT'} (killed exit {killed.returncode}, "
+                      f"rerun exit {resumed.returncode})", flush=True)
+            print(f"{family}: {identical}/{args.kills} identical", flush=True)
+            failures += args.kills - identical
+    sys.exit(1 if failures else 0)
 
 
 if __name__ == "__main__":

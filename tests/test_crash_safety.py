@@ -156,8 +156,44 @@ def test_keep_checkpoints_prunes_and_a_damaged_newest_falls_back(tmp_path, capsy
     from rich.console import Console
 
     resumed = run(cfg, console=Console(stderr=True))
-    assert "checkpoint task-004.pt is unreadable" in capsys.readouterr().err
+    assert "checkpoint task-004.pt is unusable" in capsys.readouterr().err
     assert resumed["scores_sha256"] == reference["scores_sha256"]
+
+
+def test_a_full_disk_mid_run_is_one_line_leaves_the_files_and_resumes(tmp_path, capsys, monkeypatch):
+    import errno
+    import hashlib
+
+    from cl_bench.cli import main
+
+    common = ["strategy=er", "scenario=digits", "model=mlp", "strategy.epochs=2", "progress=false", "device=cpu"]
+    reference = run(compose([*common, f"results_dir={tmp_path / 'a'}"]))
+    args = [*common, f"results_dir={tmp_path / 'b'}"]
+    record, original, before = Run(compose(args)), STRATEGIES.get("er").learn, {}
+
+    def no_space(descriptor):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def disk_fills_during_task_3(self, task):
+        if task.index == 2:
+            before.update({p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                           for p in record.directory.rglob("*") if p.is_file()})
+            monkeypatch.setattr(os, "fsync", no_space)  # every write from here on fails
+        return original(self, task)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(STRATEGIES.get("er"), "learn", disk_fills_during_task_3)
+        assert main(["run", *args]) == 2
+        monkeypatch.undo()
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error")]
+    assert "Traceback" not in err and "internal error" not in err
+    assert f"cannot write {record.directory}" in line and "No space left on device" in line
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in record.directory.rglob("*") if p.is_file()}
+    assert after == before  # task 2's files, untouched, and no temporary left behind
+    assert json.loads(record.summary_path.read_text())["tasks_completed"] == 2
+    resumed = run(compose(args))
+    assert resumed["status"] == "finished" and resumed["scores_sha256"] == reference["scores_sha256"]
 
 
 def test_keep_checkpoints_must_be_positive():

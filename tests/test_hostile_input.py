@@ -26,8 +26,10 @@ WORDS = ["", "nan", "inf", "-1", "0", "1", "2", "1e999", "-1e999", "0.5", "[1, 2
          "finetune", "er", "joint", "simplecil", "toy", "mlp", "til", "cil", "cpu", "cuda:7", "auto", "sgd", "adam",
          "<script>alert(1)</script>", "é", "a=b", "..", "/", "~", "'", '"', "\\", "\x00", "!!python/object/apply:os.system ['touch pwned']",
          "&anchor x", "*alias", "%YAML 1.2", "- a", ":", "#"]
+DEEP = st.one_of(st.integers(1, 10_000).map(lambda n: "[" * n + "]" * n),
+                 st.integers(1, 10_000).map(lambda n: "{a: " * n + "1" + "}" * n))
 VALUES = st.one_of(st.sampled_from(WORDS), st.text(max_size=12), st.integers(-10**9, 10**9).map(str),
-                   st.floats().map(str))
+                   st.floats().map(str), DEEP, st.sampled_from(["9" * 400, "1e308", "-0.0", ".nan", "-.inf", "0x7f"]))
 OVERRIDE = st.one_of(st.tuples(st.sampled_from(KEYS), VALUES).map(lambda kv: f"{kv[0]}={kv[1]}"), st.text(max_size=15))
 # keys whose large values would make a fuzzed run slow rather than wrong
 SIZE_KEYS = ("strategy.epochs", "strategy.buffer_size", "scenario.num_classes", "scenario.per_class", "model.hidden",
@@ -58,14 +60,19 @@ def tree(directory: Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def check_outcome(code: int, err: str, counts: dict, family: str) -> None:
+def check_outcome(code: int, err: str, counts: dict, family: str, names=()) -> None:
+    """Exit 0, or exit 2 whose last line is the only error line; counts by exit code and, for errors,
+    whether the line names one of ``names`` (the keys or files the input touched)."""
     counts[family] = counts.get(family, 0) + 1
     counts[f"{family}: exit {code}"] = counts.get(f"{family}: exit {code}", 0) + 1
-    assert "Traceback" not in err, err
+    assert "Traceback" not in err and "internal error" not in err, err
     assert code in (0, 2), (code, err)
     if code == 2:
-        lines = [line for line in err.splitlines() if line.strip() and line.startswith("error")]
-        assert len(lines) == 1, err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert lines and lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1, err
+        named = any(name and name in lines[-1] for name in names)
+        shape = f"{family}: error names {'the key or file' if named else 'neither key nor file'}"
+        counts[shape] = counts.get(shape, 0) + 1
 
 
 COUNTS: dict[str, int] = {}
@@ -94,8 +101,10 @@ def test_fuzzed_overrides(template, capfd, overrides):
         shutil.copytree(template, results)
         other = tree(results / "runs")
         capfd.readouterr()
-        code = main(["run", *cheap(overrides), *CHEAP, f"results_dir={results}", f"cache_dir={scratch}/cache"])
-        check_outcome(code, capfd.readouterr().err, COUNTS, "overrides")
+        argv = cheap(overrides)
+        code = main(["run", *argv, *CHEAP, f"results_dir={results}", f"cache_dir={scratch}/cache"])
+        keys = [item.partition("=")[0].strip() for item in argv]
+        check_outcome(code, capfd.readouterr().err, COUNTS, "overrides", [*keys, *argv])
         assert not Path("pwned").exists()
         after = tree(results / "runs")
         assert {k: v for k, v in after.items() if k in other} == other  # a rerun may only add
@@ -109,7 +118,8 @@ def suites():
     return st.one_of(structured.map(lambda d: yaml.safe_dump(d, allow_unicode=True)), st.text(max_size=60),
                      st.sampled_from(["runs: [a", "!!python/object/apply:os.system ['touch pwned']\n",
                                       "runs:\n  - !!python/object/apply:os.system ['touch pwned']\n", "---\n---\n",
-                                      "runs: *a\n", "\ufeffruns: []\n", "runs:\n- strategy=finetune\nseeds: []\n"]),
+                                      "runs: *a\n", "\ufeffruns: []\n", "runs:\n- strategy=finetune\nseeds: []\n", "",
+                                      "seeds: " + "[" * 10_000 + "]" * 10_000 + "\nruns: [strategy=finetune]\n"]),
                      st.binary(max_size=40))
 
 
@@ -124,7 +134,7 @@ def test_fuzzed_suite_files(template, capfd, content):
         other = tree(results / "runs")
         capfd.readouterr()
         code = main(["bench", str(suite), *CHEAP, f"results_dir={results}", f"cache_dir={scratch}/cache"])
-        check_outcome(code, capfd.readouterr().err, COUNTS, "suites")
+        check_outcome(code, capfd.readouterr().err, COUNTS, "suites", [str(suite), "runs", "seeds", "strategy"])
         assert not Path("pwned").exists()
         after = tree(results / "runs")
         assert {k: v for k, v in after.items() if k in other} == other
@@ -173,7 +183,7 @@ def test_damaged_results_files(template, capfd, which, how, position, junk, comm
         else:
             code = main(["run", "strategy=finetune", "seed=0", *CHEAP, f"results_dir={results}",
                          f"cache_dir={scratch}/cache"])
-        check_outcome(code, capfd.readouterr().err, COUNTS, "results files")
+        check_outcome(code, capfd.readouterr().err, COUNTS, "results files", [str(path), victim.name, which])
         assert tree(bystander) == before  # never a damaged results directory
         if command == "leaderboard" and code == 0:  # the intact run still counts
             board = (results / "LEADERBOARD.md").read_text()
@@ -202,6 +212,57 @@ def test_a_malicious_pickle_as_checkpoint_is_refused(tmp_path, capsys):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.parametrize("content", [{"a": 1}, [], None, {"tasks_completed": 1, "strategy": [1]}])
+def test_a_checkpoint_of_the_wrong_shape_is_one_line_and_leaves_the_run_intact(tmp_path, capsys, content):
+    import torch
+
+    args = ["strategy=finetune", *CHEAP, f"results_dir={tmp_path}", f"cache_dir={tmp_path}/cache"]
+    assert main(["run", *args]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    summary["status"] = "interrupted"
+    (run / "summary.json").write_text(json.dumps(summary))
+    (checkpoint,) = (run / "checkpoints").iterdir()
+    torch.save(content, checkpoint)
+    before = tree(run)
+    capsys.readouterr()
+    assert main(["run", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {checkpoint} is unusable" in err and "resume=false" in err
+    assert len([line for line in err.splitlines() if line.startswith("error")]) == 1 and "Traceback" not in err
+    assert tree(run) == before
+
+
+@pytest.mark.parametrize("argv", [["seed=" + "[" * 5000 + "]" * 5000], ["plugins=[1]"], ["plugins=[null]"],
+                                  ["plugins=..relative"]])
+def test_deep_or_mistyped_overrides_are_user_errors(tmp_path, capsys, argv):
+    assert main(["run", *argv, f"results_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error") and len(err.splitlines()) == 1
+    assert ("seed=" if argv[0].startswith("seed") else "plugin") in err
+
+
+def test_deep_files_are_refused_by_depth_not_by_the_recursion_limit(tmp_path, capsys):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("seeds: " + "[" * 3000 + "0" + "]" * 3000 + "\nruns:\n  - strategy=finetune\n")
+    assert main(["bench", str(suite), f"results_dir={tmp_path}"]) == 2
+    assert f"suite {suite} is refused: nested deeper than 100 levels" in capsys.readouterr().err
+    args = ["strategy=finetune", *CHEAP, f"results_dir={tmp_path}", f"cache_dir={tmp_path}/cache"]
+    assert main(["run", *args]) == 0
+    assert main(["run", *args, "seed=1"]) == 0
+    deep, intact = sorted((tmp_path / "runs").iterdir())
+    (deep / "summary.json").write_text('{"a": ' * 3000 + "1" + "}" * 3000)
+    capsys.readouterr()
+    for command in (["leaderboard", str(tmp_path)], ["show", str(deep)]):
+        code = main(command)
+        out, err = capsys.readouterr()
+        assert "RecursionError" not in out + err and "internal error" not in err
+    assert main(["leaderboard", str(tmp_path)]) == 0
+    board = (tmp_path / "LEADERBOARD.md").read_text()
+    assert f"`{deep.name}`: corrupt: {deep / 'summary.json'} is refused: nested deeper than 100 levels" in board
+    assert code == 2  # show on the damaged run alone: one line
+
+
 def test_yaml_with_a_python_tag_is_refused_everywhere(tmp_path, capsys):
     payload = f"!!python/object/apply:os.system ['touch {tmp_path / 'pwned'}']"
     suite = tmp_path / "suite.yaml"
@@ -218,9 +279,69 @@ def test_yaml_with_a_python_tag_is_refused_everywhere(tmp_path, capsys):
     assert not (tmp_path / "pwned").exists()
 
 
+def junk_content():
+    """What a damaged or hostile checkpoint file may hold: plain data of any shape, tensors among it."""
+    import torch
+
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(), st.text(max_size=8),
+                     st.integers(0, 4).map(lambda n: torch.zeros(n, 2)))
+    return st.recursive(leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                      st.dictionaries(st.text(max_size=10), inner, max_size=3)),
+                        max_leaves=8)
+
+
+@FUZZ
+@given(field=st.sampled_from([None, "tasks_completed", "strategy", "unchanged", "generator", "rng", "sums",
+                              "counts", "general_sums", "trainable_names"]), junk=junk_content())
+def test_fuzzed_checkpoints(template, capfd, field, junk):
+    import torch
+
+    with tempfile.TemporaryDirectory() as scratch:
+        results = Path(scratch) / "results"
+        shutil.copytree(template, results)
+        victim, bystander = sorted((results / "runs").iterdir())
+        summary = json.loads((victim / "summary.json").read_text())
+        summary["status"] = "interrupted"  # so the run resumes from its checkpoint
+        (victim / "summary.json").write_text(json.dumps(summary))
+        (checkpoint,) = (victim / "checkpoints").iterdir()
+        state = torch.load(checkpoint, weights_only=True)
+        if field is None:
+            state = junk
+        else:
+            state[field] = junk
+        torch.save(state, checkpoint)
+        before = tree(bystander)
+        capfd.readouterr()
+        code = main(["run", "strategy=finetune", "seed=0", *CHEAP, f"results_dir={results}",
+                     f"cache_dir={scratch}/cache"])
+        check_outcome(code, capfd.readouterr().err, COUNTS, "checkpoints", [str(checkpoint)])
+        assert tree(bystander) == before
+
+
+MISSING_PLUGINS = ["..x", "x..y", ".", "", "a b", "cl_bench.nosuch", "nosuch_module", "é", "[[[[", "os.path.nosuch"]
+PLUGIN_NAMES = st.one_of(st.text(max_size=12), st.integers(), st.none(), st.lists(st.text(max_size=4), max_size=2),
+                         st.sampled_from(MISSING_PLUGINS))
+
+
+@FUZZ
+@given(names=st.lists(PLUGIN_NAMES, max_size=3))
+def test_fuzzed_plugin_names(tmp_path_factory, capfd, names):
+    # never a name that could import a real module (``antigravity`` opens a browser): a string whose first
+    # component is an identifier must be one of the known missing ones
+    names = [n for n in names if n in MISSING_PLUGINS or not (isinstance(n, str) and n.strip().split(".")[0].isidentifier())]
+    names = names or ["nosuch_module"]
+    results = tmp_path_factory.mktemp("plugins")
+    capfd.readouterr()
+    code = main(["run", f"plugins={json.dumps(names)}", *CHEAP, f"results_dir={results}",
+                 f"cache_dir={results}/cache"])
+    check_outcome(code, capfd.readouterr().err, COUNTS, "plugin names", ["plugin"])
+    assert code == 2
+
+
 def test_fuzz_counts_are_reported():
     """Runs last in this file: every family was exercised (the counts go into benchmarks/fuzz_inputs.py)."""
-    families = ("overrides", "suites", "results files")
+    families = ("overrides", "suites", "results files", "checkpoints")
     assert all(COUNTS.get(family, 0) >= min(EXAMPLES, 10) for family in families), COUNTS
     assert all(COUNTS.get(f"{family}: exit 0") for family in families), COUNTS  # some inputs were valid
+    assert COUNTS.get("plugin names", 0) >= min(EXAMPLES, 10), COUNTS
     print(f"fuzzed inputs tried: {COUNTS}, tracebacks: 0")

@@ -95,6 +95,30 @@ def test_a_locked_run_is_refused_by_run_and_waited_for_by_bench(capsys, tmp_path
     assert len(scores(results)) == 4
 
 
+def test_a_run_finished_by_another_process_while_waiting_counts_as_already_done(capsys, tmp_path, suite,
+                                                                                monkeypatch):
+    from cl_bench import runner
+    from cl_bench.config import compose, run_id
+
+    results = tmp_path / "r"
+    cfg = compose(["strategy=er", "scenario=toy", "seed=1", *bench_args(results)])
+    lock = run_lock(results, run_id(cfg))
+    lock.__enter__()  # another process holds the run...
+    real_run_lock = runner.run_lock
+
+    def finish_then_wait(results_dir, identity, *, wait=False):
+        if wait:  # ...and finishes it while the bench waits for the lock
+            lock.__exit__(None, None, None)
+            runner.run(cfg)
+        return real_run_lock(results_dir, identity, wait=wait)
+
+    monkeypatch.setattr(runner, "run_lock", finish_then_wait)
+    assert main(["bench", str(suite), *bench_args(results)]) == 0
+    err = capsys.readouterr().err
+    assert "already finished er on toy / mlp, seed 1" in err
+    assert "4/4 done (3 finished, 1 already done" in err
+
+
 def test_two_bench_processes_on_one_suite_train_each_run_once(tmp_path, suite):
     results = tmp_path / "r"
     command = [sys.executable, "-c", "from cl_bench.cli import console_main; console_main()", "bench", str(suite),
@@ -108,6 +132,11 @@ def test_two_bench_processes_on_one_suite_train_each_run_once(tmp_path, suite):
     assert len(runs) == 4
     for run_id in runs:  # trained by exactly one of the two processes
         assert sum(out.count(f"{run_id}: task 1/3 done") for out in outputs) == 1, outputs
+    # and each process's tally counts as finished only the runs it trained
+    trained = [sum(out.count(f"{run_id}: task 1/3 done") for run_id in runs) for out in outputs]
+    tallies = [re.findall(r"4/4 done \((\d+) finished, (\d+) already done", out)[-1] for out in outputs]
+    assert [int(finished) for finished, _ in tallies] == trained, outputs
+    assert all(int(f) + int(a) == 4 for f, a in tallies)
 
 
 def test_bench_keys_are_checked(capsys, tmp_path, suite):
@@ -137,12 +166,33 @@ def test_ray_local_instance_gives_the_inline_results(capsys, monkeypatch, tmp_pa
     ray = pytest.importorskip("ray")
     monkeypatch.setenv("RAY_ADDRESS", "10.255.255.1:6379")
     monkeypatch.setenv("PYTHONPATH", SRC)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.ray/auth_token of the user's
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(key, raising=False)
     assert main(["bench", str(suite), *bench_args(tmp_path / "inline")]) == 0
     assert main(["bench", str(suite), *bench_args(tmp_path / "ray", "executor=ray")]) == 0
     assert not ray.is_initialized()  # shut down after the suite
     err = capsys.readouterr().err
-    assert "started a local instance at" in err and "dashboard off" in err and "10.255.255.1" not in err
+    assert "started a local instance at 127.0.0.1:" in err and "dashboard off" in err and "10.255.255.1" not in err
     assert scores(tmp_path / "ray") == scores(tmp_path / "inline")
+    # the instance authenticated with a token that never touched the disk, and took it away when done
+    assert not (tmp_path / "home" / ".ray" / "auth_token").exists() and "RAY_AUTH_TOKEN" not in os.environ
+
+
+def test_a_saved_ray_token_readable_by_others_is_made_owner_only(monkeypatch, tmp_path):
+    from cl_bench.sweep import private_ray_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(key, raising=False)
+    saved = tmp_path / ".ray" / "auth_token"
+    saved.parent.mkdir()
+    saved.write_text("0" * 64)
+    saved.chmod(0o644)
+    assert private_ray_token() is False  # Ray uses the user's token
+    assert saved.stat().st_mode & 0o777 == 0o600 and "RAY_AUTH_TOKEN" not in os.environ
+    saved.unlink()
+    assert private_ray_token() is True and len(os.environ.pop("RAY_AUTH_TOKEN")) == 64
 
 
 def test_ray_connects_to_the_address_given(capsys, monkeypatch, tmp_path, suite):

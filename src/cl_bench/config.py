@@ -23,6 +23,7 @@ from typing import Callable
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from cl_bench._io import MAX_NESTING, yaml_nesting
 from cl_bench.errors import UserError
 from cl_bench.registry import MODELS, SCENARIOS, STRATEGIES, hyperparameters, import_plugins, suggest
 
@@ -67,8 +68,11 @@ def yaml_problem(error: yaml.YAMLError) -> str:
 
 
 def safe_yaml(text: str, where: str):
-    """``yaml.safe_load`` (plain data only) with a one-line UserError naming ``where``."""
+    """``yaml.safe_load`` (plain data only, at most MAX_NESTING levels deep) with a one-line UserError
+    naming ``where``."""
     try:
+        if yaml_nesting(text) > MAX_NESTING:
+            raise UserError(f"{where} is refused: nested deeper than {MAX_NESTING} levels")
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise UserError(f"{where} is refused: {yaml_problem(error)}") from None
@@ -115,6 +119,8 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, object]]:
         if "!!python" in text:
             raise UserError(f"{key}= is refused: it uses a Python tag (!!python/...), and values are data, never code")
         try:
+            if yaml_nesting(text) > MAX_NESTING:
+                raise UserError(f"{key}= is refused: nested deeper than {MAX_NESTING} levels")
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text

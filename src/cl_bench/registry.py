@@ -113,10 +113,14 @@ def import_plugins(modules) -> None:
     (after the built-ins, so a clashing name is reported against the built-in's origin)."""
     import cl_bench._builtins  # noqa: F401
     for module in modules or []:
+        if not isinstance(module, str) or not module.strip():
+            raise UserError(f"plugins= takes module names (strings), got {str(module)[:60]!r}")
         try:
             importlib.import_module(module)
         except ImportError as error:
             raise UserError(f"plugin module '{module}' could not be imported: {error}") from error
+        except (TypeError, ValueError) as error:  # a relative or malformed module name
+            raise UserError(f"plugin module '{module}' is not an importable module name: {error}") from error
 
 
 STRATEGIES = Registry("strategy", "cl_bench.strategies")

@@ -164,7 +164,7 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
     previous = record.previous()
     if previous and cfg.resume and previous.get("status") == "finished":
         say(f"[dim]{record.id}: already finished, skipped[/dim]")
-        return previous
+        return {**previous, "skipped": True}  # not written: tells the caller that this call trained nothing
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     budget = {k: v for k, v in cfg.budget.items() if v is not None}
@@ -374,19 +374,47 @@ def save_checkpoint(record: Run, strategy, context, matrices, completed: int, tr
         old.unlink(missing_ok=True)
 
 
-def load_newest_checkpoint(record: Run, say) -> dict:
-    """The newest kept checkpoint that reads back; a damaged one (a crash mid-write on a disk without
-    atomic rename, a truncated copy) is passed over for the next older one, saying so."""
+CHECKPOINT_FIELDS = {"tasks_completed": int, "strategy": dict, "unchanged": list, "generator": torch.Tensor,
+                     "rng": dict, "sums": torch.Tensor, "counts": torch.Tensor, "general_sums": torch.Tensor,
+                     "general_counts": torch.Tensor, "trainable_names": list}
+
+
+def checkpoint_problem(state, shapes: dict[str, tuple]) -> str | None:
+    """Why a loaded checkpoint cannot be this run's (None when it fits): its fields, their types, and
+    the score matrices' ``shapes``."""
+    if not isinstance(state, dict):
+        return f"holds a {type(state).__name__}, not a checkpoint"
+    for key, kind in CHECKPOINT_FIELDS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            return f"field {key} is missing or not {kind.__name__}"
+    if not 1 <= state["tasks_completed"] < shapes["sums"][0]:
+        return f"tasks_completed={state['tasks_completed']} outside this {shapes['sums'][1]}-task run"
+    for key, shape in shapes.items():
+        if tuple(state[key].shape) != shape:
+            return f"{key} has shape {tuple(state[key].shape)}, not {shape}"
+    if not all(isinstance(name, str) for name in [*state["strategy"], *state["unchanged"], *state["trainable_names"]]):
+        return "parameter names that are not strings"
+    return None
+
+
+def load_newest_checkpoint(record: Run, say, shapes: dict[str, tuple]) -> dict:
+    """The newest kept checkpoint that reads back and fits (``checkpoint_problem``); a damaged one (a
+    crash mid-write on a disk without atomic rename, a truncated copy) is passed over for the next
+    older one, saying so."""
     last = "no checkpoint"
     for path in record.checkpoints():
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            problem = checkpoint_problem(state, shapes)
+            if problem is None:
+                return state
+            reason = f"it {problem}" if problem.startswith("holds") else problem
         except Exception as error:
             reason = ("refused: it holds Python objects, not only tensors and plain data (loaded with "
                       "weights_only=True, never unpickled)" if isinstance(error, pickle.UnpicklingError)
                       else type(error).__name__)
-            say(f"[yellow]{record.id}: checkpoint {path.name} is unreadable ({reason}); trying an older one[/yellow]")
-            last = f"checkpoint {path} is unreadable ({reason})"
+        say(f"[yellow]{record.id}: checkpoint {path.name} is unusable ({reason}); trying an older one[/yellow]")
+        last = f"checkpoint {path} is unusable ({reason})"
     raise UserError(f"{last}; no older checkpoint is kept (keep_checkpoints=N keeps more); "
                     f"rerun with resume=false to start fresh")
 
@@ -394,16 +422,25 @@ def load_newest_checkpoint(record: Run, say) -> dict:
 def resume(record: Run, strategy, context, previous: dict, summary: dict, matrices, say) -> tuple[int, set[str]]:
     """Restore the state after the last completed task; returns how many tasks are done and the
     names of the parameters trained so far."""
-    state = load_newest_checkpoint(record, say)
-    completed = int(state["tasks_completed"])
-    missing, unexpected = strategy.load_state_dict(state["strategy"], strict=False)
+    state = load_newest_checkpoint(record, say, {key: m.shape for key, m in zip(
+        ("sums", "counts", "general_sums", "general_counts"), matrices)})
+    completed = state["tasks_completed"]
+    unfit = f"checkpoint {record.checkpoint_file(completed)} does not fit this strategy"
+    try:
+        missing, unexpected = strategy.load_state_dict(state["strategy"], strict=False)
+    except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as error:
+        raise UserError(f"{unfit} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                        f"rerun with resume=false to start fresh") from None
     if unexpected or set(missing) - set(state["unchanged"]):
-        raise UserError(f"checkpoint {record.checkpoint_file(completed)} does not fit this strategy "
-                        f"({len(unexpected)} unexpected, {len(set(missing) - set(state['unchanged']))} missing "
-                        f"tensors); rerun with resume=false to start fresh")
+        raise UserError(f"{unfit} ({len(unexpected)} unexpected, {len(set(missing) - set(state['unchanged']))} "
+                        f"missing tensors); rerun with resume=false to start fresh")
     strategy.to(context.device)
-    context.generator.set_state(state["generator"])
-    set_rng_states(state["rng"])
+    try:
+        context.generator.set_state(state["generator"])
+        set_rng_states(state["rng"])
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError) as error:
+        raise UserError(f"checkpoint {record.checkpoint_file(completed)}: its random-generator states are "
+                        f"damaged ({type(error).__name__}); rerun with resume=false to start fresh") from None
     for target, key in zip(matrices, ("sums", "counts", "general_sums", "general_counts")):
         target[:] = state[key].numpy()
     summary["per_task"] = previous.get("per_task", [])[:completed]

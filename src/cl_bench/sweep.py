@@ -7,7 +7,11 @@ Each run goes to an executor:
   each with ``cpu_count // N`` torch threads.
 * ``ray``: each run is a Ray task with ``ray.cpus`` CPUs and ``ray.gpus`` GPUs, on the cluster at
   ``ray.address`` or, without one, on a new local Ray instance (started with ``address="local"``, so a
-  ``RAY_ADDRESS`` in the environment is ignored, and without the dashboard). Workers send back the run's
+  ``RAY_ADDRESS`` in the environment is ignored, and without the dashboard). A local instance listens on
+  the loopback interface only (node IP 127.0.0.1) and, unless the user set up Ray's token auth
+  (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN[_PATH]``, ``~/.ray/auth_token``), authenticates with a fresh token
+  held in this process's environment for the bench's lifetime, so none is written to disk; an existing
+  ``~/.ray/auth_token`` readable by others is made owner-only. Workers send back the run's
   ``config.yaml``, ``scores.csv`` and ``summary.json``, which the driver writes into its own results
   directory, so shared storage is optional.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import socket
 import time
 from collections import deque
@@ -121,8 +126,8 @@ def execute(argv: list[str], wait_for_lock: bool = False, gather: bool = False, 
     try:
         cfg = compose(argv)
         summary = run(cfg, console=console, wait_for_lock=wait_for_lock)
-        finished_at = summary.get("provenance", {}).get("finished_at", began)
-        outcome.update(status="skipped" if finished_at < began else "finished", run_id=summary["run_id"],
+        # skipped: finished before, by an earlier bench or by another process while this one waited for its lock
+        outcome.update(status="skipped" if summary.get("skipped") else "finished", run_id=summary["run_id"],
                        message=f"acc_final_task_mean {summary['metrics'].get('acc_final_task_mean') or 0:.2f}")
         if gather:
             directory = Path(cfg.results_dir) / "runs" / summary["run_id"]
@@ -196,11 +201,14 @@ class RayExecutor:
                         runtime_env={"env_vars": passed})
         if options.ray_address:
             check_reachable(options.ray_address)
+        self.token_set = False
         try:
             if options.ray_address:
                 context = ray.init(address=options.ray_address, **settings)
             else:
-                context = ray.init(address="local", num_cpus=os.cpu_count(), **settings)
+                self.token_set = private_ray_token()
+                context = ray.init(address="local", num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1",
+                                   **settings)
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise UserError(f"cannot reach a Ray cluster at {options.ray_address}: "
                             f"{' '.join(str(error).split())[:200]}") from None
@@ -219,6 +227,24 @@ class RayExecutor:
 
     def close(self, cancel: bool = False) -> None:
         self.ray.shutdown()
+        if self.token_set:
+            os.environ.pop(RAY_TOKEN, None)
+
+
+RAY_TOKEN = "RAY_AUTH_TOKEN"
+
+
+def private_ray_token() -> bool:
+    """Before starting a local Ray instance: make an existing ``~/.ray/auth_token`` owner-only, or, when
+    the user has set up no token at all, put a fresh one in this process's environment (Ray's processes
+    inherit it; nothing is written to disk). Returns whether one was set here."""
+    saved = Path.home() / ".ray" / "auth_token"
+    if saved.is_file() and saved.stat().st_mode & 0o077:
+        saved.chmod(0o600)
+    if any(k in os.environ for k in ("RAY_AUTH_MODE", RAY_TOKEN, "RAY_AUTH_TOKEN_PATH")) or saved.is_file():
+        return False
+    os.environ[RAY_TOKEN] = secrets.token_hex(32)  # 256 bits, as Ray's own generator
+    return True
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -267,7 +267,8 @@ class AvalancheStrategy(Strategy):
         self.tasks: list[Task] = []
         self.classes_seen = 0
         self.experience = None  # the last Avalanche training experience
-        self.counter = _Bookkeeping(name, self.lr, context.budget)
+        self.counter = _Bookkeeping(name, self.lr, context.budget,
+                                    on_step=lambda samples: self.count_step(samples))
         with _quiet():
             self._seed()
             try:
@@ -354,8 +355,6 @@ class AvalancheStrategy(Strategy):
                             f"{task.name}: it took {self.counter.steps} steps on {self.counter.samples} samples")
         self.model = self.avalanche.model  # GDumb and FromScratchTraining replace it
         self.classes_seen = max(self.classes_seen, max(task.classes) + 1)
-        self.optimizer_steps += self.counter.steps
-        self.samples_trained += self.counter.samples
 
     def examples_stored(self) -> int:
         return stored_examples(self.avalanche)
@@ -482,12 +481,13 @@ def stored_examples(strategy) -> int:
 
 
 class _Bookkeeping(SupervisedPlugin):
-    """Counts a task's training iterations (optimizer steps) and trained samples, stops the run on a
-    non-finite loss and stops training once the task has spent ``budget``."""
+    """Counts each training iteration (an optimizer step) through ``on_step(samples)`` (the cl-bench
+    strategy's ``count_step``) and per task, stops the run on a non-finite loss and stops training once
+    the task has spent ``budget``."""
 
-    def __init__(self, name: str, lr: float, budget: Budget | None):
+    def __init__(self, name: str, lr: float, budget: Budget | None, on_step):
         super().__init__()
-        self.name, self.lr, self.budget = name, lr, budget
+        self.name, self.lr, self.budget, self.on_step = name, lr, budget, on_step
         self.task, self.steps, self.samples = "", 0, 0
 
     def start(self, task: str) -> None:
@@ -510,5 +510,6 @@ class _Bookkeeping(SupervisedPlugin):
                 replayed += plugin.batch_size_mem
         self.steps += 1
         self.samples += len(strategy.mb_y) + replayed
+        self.on_step(len(strategy.mb_y) + replayed)
         if self.budget is not None and self.spent():
             strategy.stop_training()
