@@ -119,6 +119,21 @@ def test_feature_cache_computes_once_and_keys_on_weights(tmp_path):
     assert len(list((tmp_path / "features").glob("*.pt"))) == 2
 
 
+@pytest.mark.parametrize("foreign", [{"a": 1}, [], torch.zeros(3, 2), torch.zeros(10), b"junk"])
+def test_a_damaged_or_foreign_cache_entry_is_recomputed(tmp_path, foreign):
+    backbone = create_backbone(model_cfg("model=mlp", "model.frozen=true"), "image", (1, 8, 8))
+    samples = Samples(torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8), torch.arange(10))
+    cache = FeatureCache(tmp_path)
+    first = cache.encode(backbone, samples)
+    (entry,) = (tmp_path / "features").glob("*.pt")
+    if isinstance(foreign, bytes):
+        entry.write_bytes(foreign)
+    else:
+        torch.save(foreign, entry)
+    torch.testing.assert_close(cache.encode(backbone, samples), first)
+    torch.testing.assert_close(torch.load(entry, weights_only=True), first)  # and the entry is whole again
+
+
 def test_frozen_backbone_runs_on_cached_features_and_reports_its_size(tmp_path):
     args = ["scenario=digits", "model=mlp", "model.frozen=true", "strategy=finetune", "progress=false",
             f"results_dir={tmp_path}", f"cache_dir={tmp_path}/cache"]

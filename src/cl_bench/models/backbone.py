@@ -114,9 +114,12 @@ class FeatureCache:
         path = self.directory / f"{self.key(backbone, samples)}.pt"
         if path.is_file():
             try:
-                return torch.load(path, map_location="cpu", weights_only=True)
+                stored = torch.load(path, map_location="cpu", weights_only=True)
+                if isinstance(stored, torch.Tensor) and stored.dim() == 2 and len(stored) == len(samples):
+                    return stored
             except Exception:
-                path.unlink(missing_ok=True)  # a damaged cache entry is recomputed
+                pass
+            path.unlink(missing_ok=True)  # a damaged or foreign cache entry is recomputed
         backbone.eval().to(self.device)
         chunks = []
         starts = range(0, len(samples), self.batch_size)
