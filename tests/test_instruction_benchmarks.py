@@ -110,6 +110,12 @@ def test_trace_missing_and_broken_files(tmp_path, empty_cache):
     write(base / "NumGLUE-ds" / "test.json", [{"prompt": "p"}])
     with pytest.raises(UserError, match="record 0 lacks"):
         trace(root=str(base)).stream()
+    (base / "NumGLUE-ds" / "test.json").write_text("[" * 5000 + "]" * 5000, encoding="utf-8")
+    with pytest.raises(UserError, match="nested deeper than 100 levels"):
+        trace(root=str(base)).stream()
+    (base / "NumGLUE-ds" / "test.json").write_bytes(b"\xff\xfe[1]")
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        trace(root=str(base)).stream()
 
 
 def test_trace_data_in_the_cache_folder(empty_cache):

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterable
 
+from cl_bench._io import loads_json
 from cl_bench.errors import UserError
 
 CACHE_DIR = Path("~/.cache/cl_bench/data")
@@ -61,12 +62,15 @@ def read_json(path: Path, hint: str):
     """The content of a JSON file, or of a JSON-lines file as a list (both load in ``datasets``' json)."""
     if not path.is_file():
         raise UserError(f"{path} is missing ({hint})")
-    text = path.read_text(encoding="utf-8")
     try:
-        return json.loads(text)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (byte {error.start}); {hint}") from None
+    try:
+        return loads_json(text, str(path))
     except json.JSONDecodeError as error:
         try:
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+            return [loads_json(line, str(path)) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError:
             raise UserError(f"{path} is neither JSON nor JSON lines: {error.msg} at line {error.lineno}") from None
 
