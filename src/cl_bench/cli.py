@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import sys
+import unicodedata
 from functools import partial
 from pathlib import Path
 
@@ -227,6 +228,13 @@ COMMANDS = {"run": command_run, "bench": command_bench, "list": command_list, "s
             "leaderboard": command_leaderboard, "report": command_report}
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters (which user input may carry into a message)
+    written as escapes, so an error stays one line and cannot steer the terminal."""
+    return "".join(ch if ch == " " or unicodedata.category(ch) not in ("Cc", "Zl", "Zp") else
+                   ascii(ch)[1:-1] for ch in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -237,12 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if debug:
             raise
-        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(one_line(str(error)))}", highlight=False, soft_wrap=True)
         return 2
     except OSError as error:  # unreadable or unwritable files: the user's to fix
         if debug:
             raise
-        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(one_line(str(error)))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         if debug:
@@ -254,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from cl_bench.runner import RunFailed
         if isinstance(error, RunFailed):  # the run's settings made it stop (e.g. a diverging loss)
-            console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(one_line(str(error)))}", highlight=False, soft_wrap=True)
             return 2
-        console.print(f"[red]internal error ({type(error).__name__}):[/red] {escape(str(error))} "
+        console.print(f"[red]internal error ({type(error).__name__}):[/red] {escape(one_line(str(error)))} "
                       f"(rerun with --debug for details)", highlight=False, soft_wrap=True)
         return 1
 
