@@ -7,10 +7,10 @@ Each run goes to an executor:
   each with ``cpu_count // N`` torch threads.
 * ``ray``: each run is a Ray task with ``ray.cpus`` CPUs and ``ray.gpus`` GPUs, on the cluster at
   ``ray.address`` or, without one, on a new local Ray instance (started with ``address="local"``, so a
-  ``RAY_ADDRESS`` in the environment is ignored, and without the dashboard). A local instance listens on
-  the loopback interface only (node IP 127.0.0.1) and, unless the user set up Ray's token auth
-  (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN[_PATH]``, ``~/.ray/auth_token``), authenticates with a fresh token
-  held in this process's environment for the bench's lifetime, so none is written to disk; an existing
+  ``RAY_ADDRESS`` in the environment is ignored, and without the dashboard). Its services listen on the
+  node's address (Ray maps a 127.0.0.1 node IP back to it) behind token auth: unless the user set up
+  Ray's (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN[_PATH]``, ``~/.ray/auth_token``), a fresh token held in
+  this process's environment for the bench's lifetime, so none is written to disk; an existing
   ``~/.ray/auth_token`` readable by others is made owner-only. Workers send back the run's
   ``config.yaml``, ``scores.csv`` and ``summary.json``, which the driver writes into its own results
   directory, so shared storage is optional.
@@ -207,8 +207,7 @@ class RayExecutor:
                 context = ray.init(address=options.ray_address, **settings)
             else:
                 self.token_set = private_ray_token()
-                context = ray.init(address="local", num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1",
-                                   **settings)
+                context = ray.init(address="local", num_cpus=os.cpu_count(), **settings)
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise UserError(f"cannot reach a Ray cluster at {options.ray_address}: "
                             f"{' '.join(str(error).split())[:200]}") from None
