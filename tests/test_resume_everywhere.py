@@ -32,7 +32,8 @@ def smoke_args(name: str, results: Path) -> list[str]:
 
 @pytest.mark.parametrize("name", [n for n in STRATEGIES.names() if STRATEGIES.get(n).resumable])
 def test_kill_9_inside_task_2_then_rerun_gives_the_same_scores(tmp_path, name):
-    reference = run(compose(smoke_args(name, tmp_path / "reference")))
+    reference_cfg = compose(smoke_args(name, tmp_path / "reference"))
+    reference = run(reference_cfg)
     assert reference["status"] == "finished" and reference["tasks_total"] >= 2
     first, second = (p["optimizer_steps"] for p in reference["per_task"][:2])
     kill_at = f"step:{first + random.Random(name).randint(1, second)}" if second else "scoring:2"
@@ -47,5 +48,5 @@ def test_kill_9_inside_task_2_then_rerun_gives_the_same_scores(tmp_path, name):
 
     resumed = run(cfg)
     assert resumed["status"] == "finished"
-    assert (Run(cfg).directory / "scores.csv").read_bytes() == \
-        (Run(compose(smoke_args(name, tmp_path / "reference"))).directory / "scores.csv").read_bytes()
+    resumed_scores = (Run(cfg).directory / "scores.csv").read_bytes()
+    assert resumed_scores == (Run(reference_cfg).directory / "scores.csv").read_bytes()

@@ -383,7 +383,7 @@ def checkpoint_problem(state, shapes: dict[str, tuple]) -> str | None:
     """Why a loaded checkpoint cannot be this run's (None when it fits): its fields, their types, and
     the score matrices' ``shapes``."""
     if not isinstance(state, dict):
-        return f"holds a {type(state).__name__}, not a checkpoint"
+        return f"it holds a {type(state).__name__}, not a checkpoint"
     for key, kind in CHECKPOINT_FIELDS.items():
         if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
             return f"field {key} is missing or not {kind.__name__}"
@@ -405,10 +405,9 @@ def load_newest_checkpoint(record: Run, say, shapes: dict[str, tuple]) -> dict:
     for path in record.checkpoints():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            problem = checkpoint_problem(state, shapes)
-            if problem is None:
+            reason = checkpoint_problem(state, shapes)
+            if reason is None:
                 return state
-            reason = f"it {problem}" if problem.startswith("holds") else problem
         except Exception as error:
             reason = ("refused: it holds Python objects, not only tensors and plain data (loaded with "
                       "weights_only=True, never unpickled)" if isinstance(error, pickle.UnpicklingError)
