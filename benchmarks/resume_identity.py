@@ -4,8 +4,8 @@ so the moment is exact, never a timer) and rerun to the end. Prints, per kill, t
 resumed ``scores.csv`` is byte-identical to the uninterrupted one.
 
 Families: class (``er`` on 10 one-class digit tasks), instruction (``seqlora`` on ``instruct_toy`` with
-``tiny_llama``) and Avalanche (``avalanche.replay``: it is not resumable and restarts from task 1, so its
-line checks that the restart ends where an uninterrupted run does).
+``tiny_llama``) and Avalanche (``avalanche.replay``: its buffer, optimizer moments and clock come back from
+the checkpoint).
 
     .venv/bin/python benchmarks/resume_identity.py [--kills 20] [--seed 0] [--family class instruction avalanche]
 

@@ -65,7 +65,8 @@ def test_every_strategy_runs_through_the_runner(tmp_path, name):
     assert summary["status"] == "finished" and summary["tasks_completed"] == 3
     assert summary["per_task"][0]["score"] > 70  # the first task is learnt (two well-separated clusters)
     assert summary["cost"]["samples_per_second"] > 0
-    assert not (tmp_path / "runs" / summary["run_id"] / "checkpoints").exists()  # not resumable
+    checkpoints = tmp_path / "runs" / summary["run_id"] / "checkpoints"
+    assert checkpoints.exists() == STRATEGIES.get(f"avalanche.{name}").resumable
 
 
 def test_hyperparameters_are_config_keys_with_avalanche_defaults(tmp_path):
@@ -264,11 +265,12 @@ def test_clear_errors_before_training(tmp_path):
         STRATEGIES.get("avalanche.naive")(mlp("vector", (4,)), Context(), optimizer="rmsprop")
 
 
-def test_an_interrupted_run_restarts_and_matches_an_uninterrupted_one(tmp_path, interrupt_and_resume):
-    cfg = compose(runner_args(tmp_path / "a", "strategy=avalanche.replay", "scenario=toy", "strategy.epochs=2"))
-    reference = run(compose(runner_args(tmp_path / "b", "strategy=avalanche.replay", "scenario=toy",
+def test_an_interrupted_run_that_cannot_resume_restarts_and_matches_an_uninterrupted_one(tmp_path,
+                                                                                         interrupt_and_resume):
+    cfg = compose(runner_args(tmp_path / "a", "strategy=avalanche.gdumb", "scenario=toy", "strategy.epochs=2"))
+    reference = run(compose(runner_args(tmp_path / "b", "strategy=avalanche.gdumb", "scenario=toy",
                                         "strategy.epochs=2")))
-    resumed = interrupt_and_resume(cfg, STRATEGIES.get("avalanche.replay"), at_task=1)
+    resumed = interrupt_and_resume(cfg, STRATEGIES.get("avalanche.gdumb"), at_task=1)
     assert resumed["status"] == "finished"
     assert resumed["scores_sha256"] == reference["scores_sha256"]
 

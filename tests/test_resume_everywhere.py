@@ -30,7 +30,21 @@ def smoke_args(name: str, results: Path) -> list[str]:
             f"results_dir={results}", f"cache_dir={results.parent}/cache"]
 
 
-@pytest.mark.parametrize("name", [n for n in STRATEGIES.names() if STRATEGIES.get(n).resumable])
+# the Avalanche strategies that resume (literal, so collecting this file does not import avalanche)
+AVALANCHE = ("Naive", "Cumulative", "Replay", "EWC", "SynapticIntelligence", "MAS", "LwF", "GEM", "AGEM", "DER",
+             "ER_ACE")
+
+
+def test_the_avalanche_list_is_the_adapters():
+    from cl_bench.strategies._avalanche_state import RESUMABLE
+
+    assert AVALANCHE == RESUMABLE
+    assert all(STRATEGIES.get(f"avalanche.{name}").resumable for name in AVALANCHE)
+    assert not STRATEGIES.get("avalanche.gdumb").resumable
+
+
+@pytest.mark.parametrize("name", [n for n in STRATEGIES.names() if STRATEGIES.get(n).resumable] +
+                         [f"avalanche.{n}" for n in AVALANCHE])
 def test_kill_9_inside_task_2_then_rerun_gives_the_same_scores(tmp_path, name):
     reference_cfg = compose(smoke_args(name, tmp_path / "reference"))
     reference = run(reference_cfg)

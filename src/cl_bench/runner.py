@@ -200,7 +200,7 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
             say(f"[yellow]{record.id}: cannot resume ({strategy.not_resumable}); restarting from task 1[/yellow]")
         elif cfg.resume and previous and record.checkpoints():
             start_task, trainable_names = resume(record, strategy, context, previous, summary,
-                                                 (sums, counts, general_sums, general_counts), say)
+                                                 (sums, counts, general_sums, general_counts), say, stream.tasks)
             say(f"[dim]{record.id}: resuming after task {start_task} of {T}[/dim]")
 
         def flush(status: str, message: str = "") -> None:
@@ -418,22 +418,32 @@ def load_newest_checkpoint(record: Run, say, shapes: dict[str, tuple]) -> dict:
                     f"rerun with resume=false to start fresh")
 
 
-def resume(record: Run, strategy, context, previous: dict, summary: dict, matrices, say) -> tuple[int, set[str]]:
-    """Restore the state after the last completed task; returns how many tasks are done and the
-    names of the parameters trained so far."""
+def resume(record: Run, strategy, context, previous: dict, summary: dict, matrices, say,
+           tasks: list) -> tuple[int, set[str]]:
+    """Restore the state after the last completed task of ``tasks``; returns how many tasks are done and
+    the names of the parameters trained so far."""
     state = load_newest_checkpoint(record, say, {key: m.shape for key, m in zip(
         ("sums", "counts", "general_sums", "general_counts"), matrices)})
     completed = state["tasks_completed"]
     unfit = f"checkpoint {record.checkpoint_file(completed)} does not fit this strategy"
+    unfit_errors = (RuntimeError, TypeError, ValueError, KeyError, AttributeError, IndexError)
+
+    def refuse(error: Exception) -> UserError:
+        first_line = next(iter(str(error).splitlines()), "")[:200]
+        return UserError(f"{unfit} ({type(error).__name__}: {first_line}); rerun with resume=false to start fresh")
+
     try:
         missing, unexpected = strategy.load_state_dict(state["strategy"], strict=False)
-    except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as error:
-        raise UserError(f"{unfit} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                        f"rerun with resume=false to start fresh") from None
+    except unfit_errors as error:
+        raise refuse(error) from None
     if unexpected or set(missing) - set(state["unchanged"]):
         raise UserError(f"{unfit} ({len(unexpected)} unexpected, {len(set(missing) - set(state['unchanged']))} "
                         f"missing tensors); rerun with resume=false to start fresh")
     strategy.to(context.device)
+    try:
+        strategy.resumed(tasks[:completed])  # state rebuilt from the tasks learnt (e.g. Avalanche's experiences)
+    except unfit_errors as error:
+        raise refuse(error) from None
     try:
         context.generator.set_state(state["generator"])
         set_rng_states(state["rng"])

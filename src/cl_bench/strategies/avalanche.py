@@ -63,11 +63,14 @@ GEM's and A-GEM's memory only constrains the gradient and is not counted. A decl
 remain. ``examples_stored``: every storage policy's buffer (Replay, GDumb, MIR, ER-ACE, ER-AML, DER,
 MER, LaMAML), GEM's and iCaRL's memories, A-GEM's buffers and Cumulative's concatenated data.
 
-Resume: Avalanche keeps strategy state outside the model (buffers of samples, importances, old models,
-optimizer moments) that only its dill pickling can save, and cl-bench checkpoints load with
-``weights_only=True``. These strategies are therefore not resumable (``resumable = False``): the runner
-writes no checkpoint for them and restarts an interrupted run from task 1, saying so; the restarted run's
-results equal an uninterrupted run's.
+Resume: the common strategies (``_avalanche_state.RESUMABLE``: Naive, Cumulative, Replay, EWC, SI, MAS,
+LwF, GEM, A-GEM, DER, ER-ACE) resume after the last completed task like cl-bench's own: the checkpoint
+holds, besides the model, what the strategy and its plugins carry to the next experience (buffers,
+importances, old model, GEM's memory, optimizer moments, the clock) as tensors and plain data that load
+with ``weights_only=True`` (never dill; see ``_avalanche_state``), and the experiences are rebuilt from
+the tasks learnt. The others keep state not encoded yet (``not_resumable`` says which): the runner
+writes no checkpoint for them and restarts an interrupted run from task 1, saying so; the restarted
+run's results equal an uninterrupted run's.
 """
 from __future__ import annotations
 
@@ -92,6 +95,7 @@ from torch import nn
 from cl_bench.errors import UserError
 from cl_bench.models.backbone import Backbone, TextBackbone
 from cl_bench.scenarios.base import Task
+from cl_bench.strategies import _avalanche_state
 from cl_bench.strategies.base import OPTIMIZERS, Budget, Context, NonFiniteLoss, Strategy
 
 # Avalanche class name -> module that defines it
@@ -110,6 +114,14 @@ REQUIRED_DEFAULTS = {  # sources in the module docstring
     "LwF": {"alpha": 1.0, "temperature": 1.0}, "GEM": {"patterns_per_exp": 256},
     "AGEM": {"patterns_per_exp": 65}, "ICaRL": {"memory_size": 2000, "fixed_memory": True},
     "MIR": {"mem_size": 500, "subsample": 50}, "LFL": {"lambda_e": 0.0001},
+}
+# what the strategies that do not resume keep beyond the model (see the module docstring)
+NOT_ENCODED = {
+    "GDumb": "its own class-balanced buffer, from which it retrains a re-initialised model",
+    "ICaRL": "its exemplar sets, class means and old model", "ER_AML": "its buffer and the AML criterion",
+    "MER": "its reservoir buffer", "MIR": "its reservoir buffer", "LFL": "its old model",
+    "FromScratchTraining": "a re-initialised model", "LearningToPrompt": "its prompt pool and frozen query ViT",
+    "LaMAML": "its learnt per-parameter learning rates and buffer",
 }
 UNSUPPORTED = {
     "PNNStrategy": "it is task-incremental (a column per task), but cl-bench scores without task labels",
@@ -188,6 +200,9 @@ def strategy_class(short: str) -> type:
     cls = type(f"Avalanche{name}", (AvalancheStrategy,), {
         "__init__": __init__, "__module__": __name__, "avalanche_name": name, "avalanche_class": avalanche_class,
         "hyperparameter_names": tuple(hyper), "own_optimizer": own_optimizer, **PAPER_BACKBONES.get(name, {}),
+        "resumable": name in _avalanche_state.RESUMABLE,
+        "not_resumable": "" if name in _avalanche_state.RESUMABLE else (
+            f"Avalanche's {name} keeps {NOT_ENCODED[name]}, which cl-bench checkpoints do not hold yet"),
         "description": f"Avalanche {avalanche.__version__} {name} through cl-bench's generic adapter",
         "__doc__": f"Avalanche's {name} ({SUPPORTED[name]}) in the cl-bench runner; see the module docstring."})
     _CLASSES[name] = cls
@@ -246,9 +261,6 @@ class AvalancheStrategy(Strategy):
     avalanche_class = None
     hyperparameter_names: tuple[str, ...] = ()
     own_optimizer = False
-    resumable = False
-    not_resumable = ("Avalanche strategies keep state outside the model (buffers, importances, old models, "
-                     "optimizer moments) that cl-bench checkpoints cannot hold")
 
     def __init__(self, backbone: Backbone, context: Context, settings: dict):
         super().__init__(backbone, context)
@@ -276,6 +288,7 @@ class AvalancheStrategy(Strategy):
             except (ValueError, AssertionError, TypeError) as error:
                 raise UserError(f"{name} rejected its settings: {type(error).__name__}: {error}") from error
         self.model = self.avalanche.model  # registered, so .to(), .eval() and parameter counts see it
+        self._carried: dict | None = None  # from a checkpoint, until ``resumed`` puts it in place
 
     def _seed(self) -> None:
         RNGManager.set_random_seeds(int(torch.randint(0, 2**31 - 1, (1,), generator=self.context.generator)))
@@ -358,6 +371,25 @@ class AvalancheStrategy(Strategy):
 
     def examples_stored(self) -> int:
         return stored_examples(self.avalanche)
+
+    def get_extra_state(self):
+        state = super().get_extra_state()
+        return {**state, "avalanche": _avalanche_state.capture(self.avalanche)} if self.resumable else state
+
+    def set_extra_state(self, state):
+        super().set_extra_state(state)
+        self._carried = state.get("avalanche")
+
+    def resumed(self, learnt: list[Task]) -> None:
+        from cl_bench.avalanche_interop import benchmark_of
+
+        self.tasks = list(learnt)
+        with _quiet():
+            experiences = list(benchmark_of(self.tasks).train_stream)
+            _avalanche_state.restore(self.avalanche, self._carried, experiences)
+        self.experience = experiences[-1]
+        self.classes_seen = max(max(task.classes) for task in learnt) + 1
+        self._carried = None
 
     @torch.no_grad()
     def predict(self, inputs) -> torch.Tensor:

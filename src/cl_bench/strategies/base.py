@@ -194,6 +194,10 @@ class Strategy(nn.Module):
         self.optimizer_steps += 1
         self.samples_trained += samples
 
+    def resumed(self, learnt: list[Task]) -> None:
+        """Called once a checkpoint's state is loaded, with the tasks learnt before it (never a later one):
+        for state rebuilt from their data rather than stored."""
+
     def examples_stored(self) -> int:
         """Past examples held now (replay buffers, pools, prototypes' sources are not examples)."""
         return 0
