@@ -177,7 +177,7 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
         stream = build_stream(cfg)  # missing data or a bad setting fails here, before anything is written
         strategy, stream, info = build_strategy(cfg, stream, context, progress_bar.track)
         # checkpoints store only the tensors that differ from these
-        initial = tensor_digests(strategy) if strategy.resumable else {}
+        initial = tensor_digests(strategy.state_dict()) if strategy.resumable else {}
         if not cfg.resume:
             record.fresh_directory()
         record.directory.mkdir(parents=True, exist_ok=True)
@@ -317,10 +317,10 @@ def token_rates(per_task: list[dict], train_seconds: float) -> dict:
             "generation_tokens_per_second": generated / generating if generating > 0 else None}
 
 
-def tensor_digests(module: torch.nn.Module) -> dict[str, str]:
-    """A content digest of every tensor in the state dict (blake2b of the raw bytes)."""
+def tensor_digests(state: dict) -> dict[str, str]:
+    """A content digest of every tensor in a state dict (blake2b of the raw bytes)."""
     digests = {}
-    for name, tensor in module.state_dict().items():
+    for name, tensor in state.items():
         if isinstance(tensor, torch.Tensor):
             raw = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
             digests[name] = hashlib.blake2b(raw.tobytes(), digest_size=16).hexdigest() + str(tuple(tensor.shape))
@@ -330,8 +330,9 @@ def tensor_digests(module: torch.nn.Module) -> dict[str, str]:
 def changed_state(module: torch.nn.Module, initial: dict[str, str]) -> dict:
     """The state dict without the tensors still equal to their value after construction: a frozen
     pretrained backbone is rebuilt identically on resume, so it is not written after every task."""
-    current = tensor_digests(module)
-    return {name: value for name, value in module.state_dict().items()
+    state = module.state_dict()  # once: a strategy's extra state may be costly to gather (Avalanche's buffers)
+    current = tensor_digests(state)
+    return {name: value for name, value in state.items()
             if not isinstance(value, torch.Tensor) or current[name] != initial.get(name)}
 
 

@@ -86,7 +86,7 @@ def restore(strategy, state: dict, experiences: list) -> None:
     found = holders(strategy)
     for name, attributes in state["held"].items():
         for attribute, value in attributes.items():
-            setattr(found[name], attribute, decode(value, getattr(found[name], attribute), strategy.model, device))
+            setattr(found[name], attribute, decode(value, strategy.model, device))
     if type(strategy).__name__ == "Cumulative":  # the concatenation of every experience's data, in order
         strategy.dataset = experiences[0].dataset
         for experience in experiences[1:]:
@@ -100,7 +100,7 @@ def restore(strategy, state: dict, experiences: list) -> None:
     if state["optimizer"]["started"]:  # the optimizer Avalanche keeps, over the parameters by name
         strategy.optimized_param_id = reset_optimizer(strategy.optimizer, strategy.model)
         for name, values in state["optimizer"]["state"].items():
-            strategy.optimizer.state[strategy.optimized_param_id[name]] = decode(values, {}, None, device)
+            strategy.optimizer.state[strategy.optimized_param_id[name]] = decode(values, None, device)
 
 
 def encode(value):
@@ -131,34 +131,32 @@ def encode(value):
     raise TypeError(f"cannot checkpoint a {type(value).__name__}")
 
 
-def decode(value, current, model: nn.Module, device: torch.device):
-    """The value ``encode`` wrote; ``current`` is the attribute's value in the fresh strategy (a dict keeps
-    its default factory), ``model`` the strategy's model (a stored model is a copy of it with the stored
-    weights)."""
+def decode(value, model: nn.Module, device: torch.device):
+    """The value ``encode`` wrote (a dict with its default factory); ``model`` is the strategy's model (a
+    stored model is a copy of it with the stored weights)."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, list):
-        return [decode(item, None, model, device) for item in value]
+        return [decode(item, model, device) for item in value]
     if not isinstance(value, dict) or TAG not in value:
         return value
     kind = value[TAG]
     if kind == "tuple":
-        items = list(current) if isinstance(current, tuple) else [None] * len(value["items"])
-        return tuple(decode(item, old, model, device) for item, old in zip(value["items"], items))
+        return tuple(decode(item, model, device) for item in value["items"])
     if kind == "set":
         return set(value["items"])
     if kind == "dict":
         factory = {"dict": dict, "set": set, "list": list}.get(value["default"])
         result = defaultdict(factory) if factory else {}
         for key, item in value["items"]:
-            result[decode(key, None, model, device)] = decode(item, None, model, device)
+            result[decode(key, model, device)] = decode(item, model, device)
         return result
     if kind == "ParamData":
         data = value["data"].to(device)
         return ParamData(value["name"], init_tensor=data, device=device)
     if kind == "buffer":
         buffer = BUFFERS[value["type"]].__new__(BUFFERS[value["type"]])
-        vars(buffer).update({key: decode(item, None, model, device) for key, item in value["attributes"].items()})
+        vars(buffer).update({key: decode(item, model, device) for key, item in value["attributes"].items()})
         return buffer
     if kind == "dataset":
         return dataset_of(value)

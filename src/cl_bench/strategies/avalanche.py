@@ -92,6 +92,7 @@ from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin
 from torch import nn
 
+from cl_bench.avalanche_interop import benchmark_of
 from cl_bench.errors import UserError
 from cl_bench.models.backbone import Backbone, TextBackbone
 from cl_bench.scenarios.base import Task
@@ -351,8 +352,6 @@ class AvalancheStrategy(Strategy):
         return strategy
 
     def learn(self, task: Task) -> None:
-        from cl_bench.avalanche_interop import benchmark_of
-
         self.tasks.append(task)
         with _quiet():
             self.experience = benchmark_of(self.tasks).train_stream[len(self.tasks) - 1]
@@ -381,8 +380,6 @@ class AvalancheStrategy(Strategy):
         self._carried = state.get("avalanche")
 
     def resumed(self, learnt: list[Task]) -> None:
-        from cl_bench.avalanche_interop import benchmark_of
-
         self.tasks = list(learnt)
         with _quiet():
             experiences = list(benchmark_of(self.tasks).train_stream)
