@@ -1,15 +1,18 @@
 """IV-guided training's function vector on SmolLM2-135M and instruct_offline ``category`` (issue 14).
 
-Prints, for ``vector_scale=none`` (the raw vector) and ``residual_norm`` (the default): ||v_t||, the mean
+Prints, for each head selection (``aie``: average indirect effect; ``output_norm``: largest mean outputs)
+and each ``vector_scale`` (``none``: the raw vector; ``residual_norm``): the heads, ||v_t||, the mean
 residual-stream norm r̄ at (ℓ_edit, last prompt token), and, on training examples, the reference model's
 probability of the gold first answer token with and without v_t added (pass A of the objective), and K1
-at step 0 (fresh LoRA: the new model is the model without v_t). No training; a few forward passes.
+at step 0 (fresh LoRA: the new model is the model without v_t). No training; forward passes only (the
+AIE sweep is L·H single-token passes after one prefix pass).
 
     HF_HUB_OFFLINE=1 PYTHONPATH=src python benchmarks/iv_vector_check.py [--examples 32]
 """
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -51,19 +54,24 @@ def main() -> None:
     strategy = IVGuided(smollm2_135m("text", ()), Context(generator=torch.Generator().manual_seed(0)))
     strategy.eval()
     means, residual_norm = strategy.mean_head_activations(task)
-    strategy.heads = strategy.select_heads(means)
-    raw = strategy.vector_from_means(means)
     examples = task.train.select(range(min(args.examples, len(task.train))))
     print(f"SmolLM2-135M, task {task.name}: {strategy.num_layers} layers, edit layer {strategy.edit_layer}, "
-          f"heads {strategy.heads}, N = {min(strategy.n_trials, len(task.train))} prompts, "
-          f"{len(examples)} examples scored")
-    for setting in IVGuided.vector_scales[::-1]:
-        strategy.vector_scale = setting
-        vector = strategy.scaled(raw, residual_norm)
-        plain, edited, k1 = gold_probability_and_k1(strategy, examples, vector)
-        print(f"vector_scale={setting:13s} |v_t| {float(vector.norm()):7.1f}  residual norm {residual_norm:6.1f}  "
-              f"P(gold first token) without {plain:.2e} with {edited:.2e} (ratio {edited / plain:.2e})  "
-              f"K1 at step 0 {k1:.3f}")
+          f"N = {min(strategy.n_trials, len(task.train))} prompts, {len(examples)} examples scored")
+    started = time.perf_counter()
+    effects = strategy.indirect_effects(task, means)
+    print(f"AIE sweep ({strategy.aie_trials} corrupted prompts, {strategy.aie_shots} shots): "
+          f"{time.perf_counter() - started:.1f} s; largest AIE {float(effects.max()):.2e}")
+    for selection, heads in (("aie", strategy.top(effects)), ("output_norm", strategy.largest_output_heads(means))):
+        strategy.heads = heads
+        raw = strategy.vector_from_means(means)
+        print(f"head_selection={selection}: heads {heads}")
+        for setting in IVGuided.vector_scales[::-1]:
+            strategy.vector_scale = setting
+            vector = strategy.scaled(raw, residual_norm)
+            plain, edited, k1 = gold_probability_and_k1(strategy, examples, vector)
+            print(f"  vector_scale={setting:13s} |v_t| {float(vector.norm()):7.1f}  residual norm "
+                  f"{residual_norm:6.1f}  P(gold first token) without {plain:.2e} with {edited:.2e} "
+                  f"(ratio {edited / plain:.2e})  K1 at step 0 {k1:.3f}")
 
 
 if __name__ == "__main__":

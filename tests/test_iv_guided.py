@@ -65,9 +65,9 @@ def test_vector_is_the_sum_of_o_proj_images_of_padded_head_means():
     assert torch.allclose(vector, expected, atol=1e-6)
 
 
-def test_default_head_set_is_the_largest_mean_outputs_and_edit_layer_scales_with_depth():
+def test_output_norm_head_set_is_the_largest_mean_outputs_and_edit_layer_scales_with_depth():
     colour = toy_tasks()[0]
-    model = strategy(heads="", top_heads=3)
+    model = strategy(heads="", top_heads=3, head_selection="output_norm")
     assert model.heads is None and model.edit_layer == round(9 * 4 / 32) == 1
     model.before_task(colour)
     norms = model.head_outputs(model.mean_head_activations(colour)[0]).norm(dim=-1)
@@ -81,6 +81,8 @@ def test_default_head_set_is_the_largest_mean_outputs_and_edit_layer_scales_with
         strategy(heads="1:9")
     with pytest.raises(UserError, match="heads"):
         strategy(heads="1-2")
+    with pytest.raises(UserError, match="head_selection"):
+        strategy(head_selection="random")
 
 
 # --- the intervention hook -------------------------------------------------------------------------
@@ -270,6 +272,10 @@ def test_iv_guided_runs_on_the_toy_stream_and_merges_each_task(tmp_path):
     assert not any(k.startswith("original.") for k in state)
     extra = state["_extra_state"]
     assert len(extra["heads"]) == 10 and len(extra["function_vectors"]) == 3
+    # the AIE heads are the top of the effect averaged over the three tasks (tiny_llama: 4 x 4 = 16 heads)
+    assert extra["effect_tasks"] == 3
+    average = extra["effect_total"] / 3
+    assert min(average[l, h] for l, h in extra["heads"]) >= average.flatten().sort(descending=True).values[9]
 
 
 # --- the vector's scale (issue 14) -----------------------------------------------------------------
@@ -315,9 +321,10 @@ def test_residual_norm_is_the_stream_the_vector_joins_and_scales_the_vector():
             model.lm(input_ids=torch.tensor([model.backbone.prompt_ids([prompt])[0]]))
     hook.remove()
     assert residual_norm == pytest.approx(sum(norms) / len(norms), rel=1e-5)
+    model.vector_scale = "residual_norm"
     model.before_task(colour)
     assert float(model.function_vector.norm()) == pytest.approx(residual_norm, rel=1e-5)
-    raw = strategy(edit_layer=2, n_trials=1000, vector_scale="none")
+    raw = strategy(edit_layer=2, n_trials=1000)  # the default: the raw vector, as the paper
     raw.before_task(colour)
     assert torch.allclose(raw.function_vector, model.vector_from_means(means), atol=1e-6)
     assert torch.allclose(model.function_vector, raw.function_vector * residual_norm / raw.function_vector.norm())
@@ -337,3 +344,54 @@ def test_scaled_vector_keeps_the_gold_answer_likely_and_an_oversized_one_does_no
     assert gold_probability(model, colour, model.function_vector) >= without / 10
     # the same direction far above the stream's norm (on SmolLM2 the raw vector is ~3x it) drowns the prompt
     assert gold_probability(model, colour, 100 * model.function_vector) < without / 10
+
+
+# --- heads by average indirect effect (issue 14) ---------------------------------------------------
+
+def test_indirect_effects_equal_one_full_pass_per_corrupted_prompt_and_head():
+    """The sweep runs the shared prefix once with a KV cache; the same effects from a full forward pass
+    of every corrupted prompt alone, patched and unpatched, for a few heads."""
+    tasks = toy_tasks()
+    model = IVGuided(briefly_trained_llama(tasks), Context(generator=torch.Generator().manual_seed(0)),
+                     aie_trials=6, aie_shots=2)
+    means, _ = model.mean_head_activations(tasks[0])
+    model.context.generator.manual_seed(1)
+    effects = model.indirect_effects(tasks[0], means)
+    model.context.generator.manual_seed(1)
+    prompts, golds = model.corrupted_prompts(tasks[0])
+    assert len(prompts) == 6 and len({len(p) for p in prompts}) > 1  # left padding is exercised
+    # each query follows two demonstrations (prompt, answer, eos): three prompt renderings in all
+    assert all(p.count(model.backbone.tokenizer.eos_token_id) >= 2 for p in prompts)
+
+    def gold_probabilities(layer=None):
+        result = []
+        for ids, gold in zip(prompts, golds):
+            with torch.no_grad(), (model.patched_head(layer, 2, means[layer, 2]) if layer is not None
+                                   else nullcontext()):
+                logits = model.original_forward(input_ids=torch.tensor([ids])).logits[0, -1]
+            result.append(float(logits.softmax(-1)[gold]))
+        return torch.tensor(result, dtype=torch.float64)
+    corrupted = gold_probabilities()
+    for layer in (0, 3):
+        assert float(effects[layer, 2]) == pytest.approx(float((gold_probabilities(layer) - corrupted).mean()),
+                                                          abs=1e-6)
+    assert effects.abs().max() > 1e-4  # a trained model: patches move the gold token
+
+
+def test_aie_heads_follow_the_average_over_tasks_seen_and_survive_a_checkpoint():
+    tasks = toy_tasks()
+    model = IVGuided(briefly_trained_llama(tasks), Context(generator=torch.Generator().manual_seed(0)),
+                     top_heads=3, aie_trials=4, aie_shots=1, n_trials=8)
+    model.before_task(tasks[0])
+    first = model.effect_total.clone()
+    assert model.heads == model.top(first) and model.effect_tasks == 1
+    model.before_task(tasks[1])
+    assert model.effect_tasks == 2 and model.heads == model.top(model.effect_total / 2)
+    assert not torch.equal(model.effect_total, 2 * first)  # the second task's effects were added
+    restored = IVGuided(briefly_trained_llama(tasks), Context(generator=torch.Generator().manual_seed(0)),
+                        top_heads=3, aie_trials=4, aie_shots=1)
+    restored.set_extra_state(model.get_extra_state())
+    assert restored.heads == model.heads and restored.effect_tasks == 2
+    assert torch.equal(restored.effect_total, model.effect_total)
+    with pytest.raises(UserError, match="aie_trials"):
+        strategy(aie_trials=0)

@@ -26,21 +26,30 @@ Choices and deviations, all deliberate:
   extracts each task's vector with them substituted (``torch.func.functional_call``) and adapters off,
   instead of a second full model. The copy is rebuilt from the model factory on resume.
 * Head set S (``heads``, "layer:head,..."): empty means the authors' published universal list when the
-  model's source names Llama-2-7b, Llama-3.1-8B or Mistral-7B, else the ``top_heads`` (default 10) heads
-  whose mean output o_proj_l(pad_h(ā_{l,h})) has the largest L2 norm, computed once on the first task's
-  prompts with the original model and then kept (an AIE causal-mediation sweep is not implemented).
-  This fallback favours heads with large outputs, often in late layers (on SmolLM2-135M it picks layers
-  23-29 and |v| is in the hundreds), so the intervention is much stronger than with AIE heads: give
-  ``heads`` explicitly when a better list is known.
-* Vector scale (``vector_scale``), a harness adaptation for models without a published head list:
-  ``residual_norm`` (default) rescales v_t to ||v_t|| = r̄, the mean over the same N prompts of the
-  residual-stream norm that v_t joins (the input of layer ℓ_edit plus its attention output, at the last
-  prompt token). The fallback heads are the largest, so their raw sum can dwarf the stream (SmolLM2-135M,
-  instruct_offline ``category``: ||v_t|| ≈ 258 against r̄ ≈ 86): pass A's probability of the gold first
-  answer token falls from 0.015 to 1e-5 and K1 starts at 1.1, pulling the model away from the task;
-  scaled, it falls to 0.0025 (1/6) and K1 starts at 0.38 (benchmarks/iv_vector_check.py). ``none`` is
-  the raw vector, as the paper and code use it on their AIE heads (the paper's value in
-  ``protocol_switches``; with a published head list, set it to follow them).
+  model's source names Llama-2-7b, Llama-3.1-8B or Mistral-7B. Otherwise ``head_selection`` picks the
+  ``top_heads`` (default 10) heads:
+  - ``aie`` (default, the paper's Sec. 3 rule as in the authors' ``compute_indirect_effect.py``): the
+    average indirect effect. Corrupted prompts are ``aie_trials`` training queries, each after
+    ``aie_shots`` training demonstrations whose answers are shuffled among them; for each (l, h) the
+    query's last-token input of o_proj_l gets head h's slice replaced by ā_{l,h} (the original model,
+    as for the vector), and the effect is the rise of the gold first answer token's probability over
+    the unpatched corrupted prompt, averaged over the queries. Their universal list averages the
+    effect over all tasks; a stream cannot see its later tasks, so S_t is the top of the average over
+    tasks 1..t (recomputed at each task, kept in checkpoints). The authors' trials are 25 with 10
+    shots; the defaults here (16 trials, 4 shots) are CPU-sized. A patch at the last token changes no
+    earlier position, so the prefix runs once with a KV cache and each head costs one single-token
+    pass (L·H of them per task).
+  - ``output_norm``: the heads whose mean output o_proj_l(pad_h(ā_{l,h})) has the largest L2 norm,
+    chosen once on the first task (a cheap harness fallback, no causal test). It favours heads with
+    large outputs, often late layers: on SmolLM2-135M it picks layers 23-29 and |v| is in the hundreds.
+* Vector scale (``vector_scale``): ``none`` (default) is the raw vector, as the paper and code use it.
+  ``residual_norm``, a harness option for the ``output_norm`` heads, rescales v_t to ||v_t|| = r̄, the
+  mean over the same N prompts of the residual-stream norm that v_t joins (the input of layer ℓ_edit plus
+  its attention output, at the last prompt token). Measured on SmolLM2-135M, instruct_offline
+  ``category`` (benchmarks/iv_vector_check.py; r̄ ≈ 86): with the AIE heads the raw ||v_t|| ≈ 71 and
+  pass A's probability of the gold first answer token rises from 0.015 to 0.041 (K1 at step 0: 0.22);
+  with the ``output_norm`` heads ||v_t|| ≈ 258 and it falls to 1e-5 (K1 1.1, which pulls the model away
+  from the task: the leaderboard's failed rows before AIE), or to 0.0025 scaled to r̄.
 * The N prompts (drawn with the context's generator) are the task's training prompts as the harness
   renders them (the model's chat template when it has one), not the authors' "N"-prefix format.
 * ℓ_edit (``edit_layer``): the released runs use 9 of Llama-2's 32 layers; ``edit_layer=-1`` (default)
@@ -100,15 +109,17 @@ def parse_heads(text: str) -> list[tuple[int, int]]:
 
 class IVGuided(LanguageModelStrategy):
     description = "IV/FV-guided training: per-task LoRA merged afterwards, FV-intervened KL + head consistency"
-    # progressive intervention: the papers' method (off = the released code); raw vector: theirs, on AIE heads
-    protocol_switches = {"progressive_intervention": True, "vector_scale": "none"}
+    # the papers' values: progressive intervention (off = the released code), AIE heads, the raw vector
+    protocol_switches = {"progressive_intervention": True, "head_selection": "aie", "vector_scale": "none"}
     vector_scales = ("residual_norm", "none")
+    head_selections = ("aie", "output_norm")
 
     def __init__(self, backbone, context, *, lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.1,
                  lora_targets: str = "q_proj,v_proj", kl_alpha1: float = 20.0, kl_alpha2: float = 0.1,
                  pr_alpha: float = 1.0, temperature: float = 2.0, edit_layer: int = -1, heads: str = "",
                  top_heads: int = 10, n_trials: int = 100, progressive_intervention: bool = True,
-                 vector_scale: str = "residual_norm", **kwargs):
+                 vector_scale: str = "none", head_selection: str = "aie", aie_trials: int = 16,
+                 aie_shots: int = 4, **kwargs):
         super().__init__(backbone, context, **kwargs)
         if min(kl_alpha1, kl_alpha2, pr_alpha) < 0 or temperature <= 0 or n_trials < 1 or top_heads < 1:
             raise UserError(f"need kl_alpha1, kl_alpha2, pr_alpha >= 0, temperature > 0, n_trials >= 1 and "
@@ -117,7 +128,13 @@ class IVGuided(LanguageModelStrategy):
         if vector_scale not in self.vector_scales:
             raise UserError(f"strategy.vector_scale must be one of {', '.join(self.vector_scales)}, "
                             f"got '{vector_scale}'")
-        self.vector_scale = vector_scale
+        if head_selection not in self.head_selections:
+            raise UserError(f"strategy.head_selection must be one of {', '.join(self.head_selections)}, "
+                            f"got '{head_selection}'")
+        if aie_trials < 1 or aie_shots < 0:
+            raise UserError(f"need aie_trials >= 1 and aie_shots >= 0 (got {aie_trials}, {aie_shots})")
+        self.vector_scale, self.head_selection = vector_scale, head_selection
+        self.aie_trials, self.aie_shots = aie_trials, aie_shots
         self.kl_alpha1, self.kl_alpha2, self.pr_alpha = kl_alpha1, kl_alpha2, pr_alpha
         self.temperature, self.n_trials, self.top_heads = temperature, n_trials, top_heads
         self.progressive_intervention = progressive_intervention
@@ -130,6 +147,9 @@ class IVGuided(LanguageModelStrategy):
         if not 0 <= self.edit_layer < self.num_layers:
             raise UserError(f"strategy.edit_layer must be -1 (auto) or in [0, {self.num_layers}), got {edit_layer}")
         self.heads = parse_heads(heads) if heads.strip() else self.published_heads()
+        self.heads_given = self.heads is not None
+        self.effect_total = torch.zeros(self.num_layers, self.num_heads, dtype=torch.float64)  # Σ_t AIE_t
+        self.effect_tasks = 0
         for layer, head in self.heads or ():
             if not (0 <= layer < self.num_layers and 0 <= head < self.num_heads):
                 raise UserError(f"strategy.heads: ({layer}, {head}) is outside this model's "
@@ -251,11 +271,79 @@ class IVGuided(LanguageModelStrategy):
             outputs.append(F.linear(padded.view(self.num_heads, -1), weight, base.bias))
         return torch.stack(outputs)
 
-    def select_heads(self, means: torch.Tensor) -> list[tuple[int, int]]:
-        """The fallback head set: the top_heads heads with the largest mean output norm."""
-        norms = self.head_outputs(means).norm(dim=-1).flatten()
-        top = norms.topk(min(self.top_heads, norms.numel())).indices.tolist()
+    def largest_output_heads(self, means: torch.Tensor) -> list[tuple[int, int]]:
+        """The ``output_norm`` head set: the top_heads heads with the largest mean output norm."""
+        return self.top(self.head_outputs(means).norm(dim=-1))
+
+    def top(self, scores: torch.Tensor) -> list[tuple[int, int]]:
+        top = scores.flatten().topk(min(self.top_heads, scores.numel())).indices.tolist()
         return [(i // self.num_heads, i % self.num_heads) for i in top]
+
+    @contextmanager
+    def patched_head(self, layer: int, head: int, value: torch.Tensor):
+        """Replaces head ``head``'s slice of o_proj's input in ``layer`` by ``value`` at the last position."""
+        part = slice(head * self.head_dim, (head + 1) * self.head_dim)
+
+        def hook(module, args):
+            patched = args[0].clone()
+            patched[:, -1, part] = value.to(patched.dtype)
+            return (patched, *args[1:])
+        handle = self.o_projs[layer].register_forward_pre_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def corrupted_prompts(self, task: Task) -> tuple[list[list[int]], list[int]]:
+        """``aie_trials`` training queries, each after ``aie_shots`` demonstrations (prompt, answer, eos)
+        whose answers are shuffled among them, as token ids; and each query's gold first answer token."""
+        train, generator = task.train, self.context.generator
+        tokenizer, eos = self.backbone.tokenizer, self.backbone.tokenizer.eos_token_id
+        queries = torch.randperm(len(train), generator=generator)[:min(self.aie_trials, len(train))].tolist()
+        prompts, golds = [], []
+        for query in queries:
+            others = [i for i in torch.randperm(len(train), generator=generator).tolist() if i != query]
+            demos = others[:self.aie_shots]
+            answers = [train.answers[demos[i]] for i in torch.randperm(len(demos), generator=generator).tolist()]
+            ids = []
+            for demo, answer in zip(demos, answers):
+                ids += self.backbone.prompt_ids([train.prompts[demo]])[0]
+                ids += tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
+            ids += self.backbone.prompt_ids([train.prompts[query]])[0]
+            gold = tokenizer(train.answers[query], add_special_tokens=False)["input_ids"]
+            prompts.append(ids[-self.backbone.max_length:])
+            golds.append(gold[0] if gold else eos)
+        return prompts, golds
+
+    @torch.no_grad()
+    def indirect_effects(self, task: Task, means: torch.Tensor) -> torch.Tensor:
+        """AIE of every head (L, H) on ``task``: mean over the corrupted prompts of
+        P(gold | head (l, h)'s last-token output replaced by ā_{l,h}) − P(gold | corrupted)."""
+        prompts, golds = self.corrupted_prompts(task)
+        input_ids, mask = self.backbone.left_padded(prompts, self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        rows, gold = torch.arange(len(prompts), device=self.device), torch.tensor(golds, device=self.device)
+        was_training = self.training
+        self.eval()
+        with self.autocast():
+            cache = self.original_forward(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1],
+                                          position_ids=positions[:, :-1], use_cache=True,
+                                          logits_to_keep=1).cache
+
+            def gold_probability() -> torch.Tensor:
+                logits = self.original_forward(input_ids=input_ids[:, -1:], attention_mask=mask,
+                                               position_ids=positions[:, -1:], cache=cache,
+                                               use_cache=True).logits[:, -1]
+                cache.crop(-1)  # back to the prefix for the next head
+                return logits.float().softmax(-1)[rows, gold].double()
+            corrupted = gold_probability()
+            effects = torch.zeros(self.num_layers, self.num_heads, dtype=torch.float64)
+            for layer in range(self.num_layers):
+                for head in range(self.num_heads):
+                    with self.patched_head(layer, head, means[layer, head]):
+                        effects[layer, head] = float((gold_probability() - corrupted).mean())
+        self.train(was_training)
+        return effects
 
     def vector_from_means(self, means: torch.Tensor) -> torch.Tensor:
         """The raw v_t = Σ_{(l,h)∈S} o_proj_l(pad_h(ā_{l,h})) (paper Sec. 3)."""
@@ -285,8 +373,12 @@ class IVGuided(LanguageModelStrategy):
     def before_task(self, task: Task) -> None:
         self.merge_and_reset()
         means, residual_norm = self.mean_head_activations(task)
-        if self.heads is None:
-            self.heads = self.select_heads(means)
+        if not self.heads_given and self.head_selection == "aie":
+            self.effect_total += self.indirect_effects(task, means).cpu()
+            self.effect_tasks += 1
+            self.heads = self.top(self.effect_total / self.effect_tasks)
+        elif self.heads is None:
+            self.heads = self.largest_output_heads(means)
         self.function_vector = self.scaled(self.vector_from_means(means), residual_norm).detach()
         self.function_vectors.append(self.function_vector.cpu())
 
@@ -346,9 +438,11 @@ class IVGuided(LanguageModelStrategy):
     # --- checkpoints: merged base weights and the LoRA are tensors; the head set and vectors here
     def get_extra_state(self):
         return {**super().get_extra_state(), "heads": [list(h) for h in self.heads or ()],
-                "function_vectors": [v.clone() for v in self.function_vectors]}
+                "function_vectors": [v.clone() for v in self.function_vectors],
+                "effect_total": self.effect_total.clone(), "effect_tasks": self.effect_tasks}
 
     def set_extra_state(self, state):
         super().set_extra_state(state)
         self.heads = [tuple(h) for h in state["heads"]] or self.heads
         self.function_vectors = list(state["function_vectors"])
+        self.effect_total, self.effect_tasks = state["effect_total"], int(state["effect_tasks"])
