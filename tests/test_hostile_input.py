@@ -13,8 +13,9 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cl_bench._io import MAX_NESTING, yaml_nesting
 from cl_bench.cli import main
+from cl_bench.config import parse_overrides
+from cl_bench.errors import UserError
 
 EXAMPLES = int(os.environ.get("CL_BENCH_FUZZ_EXAMPLES", "40"))  # benchmarks/fuzz_inputs.py raises it
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -43,14 +44,14 @@ def cheap(overrides: list[str]) -> list[str]:
     """Drop overrides that would only make a run expensive (huge sizes, another scenario or model)."""
     kept = []
     for item in overrides:
-        key, _, text = item.partition("=")
-        if key.strip() in ("scenario", "model", "device", "plugins") or "\x00" in item:
+        key = item.partition("=")[0].strip()
+        if key in ("scenario", "model", "device", "plugins") or "\x00" in item:
             continue
-        try:  # too deep for PyYAML's recursive parser: kept as it is, for cl-bench to refuse
-            value = text if yaml_nesting(text) > MAX_NESTING else yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        if key.strip() in SIZE_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > 8:
+        try:
+            [(_, value)] = parse_overrides([item])
+        except UserError:  # kept as it is, for cl-bench to refuse
+            value = None
+        if key in SIZE_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > 8:
             continue
         kept.append(item)
     return kept

@@ -84,10 +84,15 @@ def yaml_nesting(text: str, limit: int = MAX_NESTING) -> int:
     return deepest
 
 
+def nesting_refused(where: str) -> UserError:
+    """The one-line refusal of a file or value that nests past MAX_NESTING."""
+    return UserError(f"{where} is refused: nested deeper than {MAX_NESTING} levels")
+
+
 def loads_json(text: str, where: str):
     """``json.loads`` for a file cl-bench reads, refusing (UserError) nesting past MAX_NESTING."""
     if json_nesting(text) > MAX_NESTING:
-        raise UserError(f"{where} is refused: nested deeper than {MAX_NESTING} levels")
+        raise nesting_refused(where)
     return json.loads(text)
 
 

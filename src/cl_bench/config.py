@@ -23,7 +23,7 @@ from typing import Callable
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from cl_bench._io import MAX_NESTING, yaml_nesting
+from cl_bench._io import MAX_NESTING, nesting_refused, yaml_nesting
 from cl_bench.errors import UserError
 from cl_bench.registry import MODELS, SCENARIOS, STRATEGIES, hyperparameters, import_plugins, suggest
 
@@ -72,7 +72,7 @@ def safe_yaml(text: str, where: str):
     naming ``where``."""
     try:
         if yaml_nesting(text) > MAX_NESTING:
-            raise UserError(f"{where} is refused: nested deeper than {MAX_NESTING} levels")
+            raise nesting_refused(where)
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise UserError(f"{where} is refused: {yaml_problem(error)}") from None
@@ -120,7 +120,7 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, object]]:
             raise UserError(f"{key}= is refused: it uses a Python tag (!!python/...), and values are data, never code")
         try:
             if yaml_nesting(text) > MAX_NESTING:
-                raise UserError(f"{key}= is refused: nested deeper than {MAX_NESTING} levels")
+                raise nesting_refused(f"{key}=")
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
