@@ -100,3 +100,27 @@ def test_single_seed_has_empty_std(tmp_path):
     toy_run(tmp_path)
     board, _, _ = leaderboard.build(tmp_path)
     assert math.isnan(board.loc[0, "acc_final_task_mean_std"])
+
+
+def test_latex_table_bolds_the_best_of_each_column_and_escapes_names(results, tmp_path):
+    directory, _ = results
+    import shutil
+    shutil.copytree(directory / "runs", tmp_path / "runs")
+    from cl_bench.cli import main
+    assert main(["leaderboard", str(tmp_path), "--format", "latex"]) == 0
+    tex = (tmp_path / "leaderboard.tex").read_text()
+    board, _, _ = leaderboard.build(tmp_path)
+    assert tex.count(r"\begin{tabular}") == 1 and r"\caption{toy on mlp: mean $\pm$ sample std" in tex
+    lines = [line.rstrip(" \\") for line in tex.splitlines()]
+    header = next(line for line in lines if line.startswith("strategy &")).split(" & ")
+    assert header[3] == r"acc\_final\_task\_mean" and header[-1] == r"protocol\_flags"
+    rows = {cells[0]: cells for cells in (line.split(" & ") for line in lines)
+            if cells[0] in ("finetune", "joint")}
+    by_strategy = board.set_index("strategy")
+    for metric, best in (("acc_final_task_mean", max), ("forgetting_max_prev", min)):
+        column = header.index(metric.replace("_", r"\_"))
+        means = by_strategy[f"{metric}_mean"]
+        winner = best(means.index, key=lambda name: means[name])
+        for name, cells in rows.items():
+            text = (f"{means[name]:.2f} $\\pm$ {by_strategy.loc[name, f'{metric}_std']:.2f}")
+            assert cells[column] == (r"\bfseries " + text if name == winner else text), (metric, name)

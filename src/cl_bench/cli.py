@@ -46,6 +46,8 @@ def make_parser() -> Parser:
     show.add_argument("--plot", action="store_true", help="write the run's figures to <run>/figures/*.png")
     board = commands.add_parser("leaderboard", help="aggregate runs over seeds into CSV and Markdown")
     board.add_argument("results_dir", nargs="?", default="results")
+    board.add_argument("--format", choices=["markdown", "latex"], default="markdown",
+                       help="what to print; latex also writes leaderboard.tex (booktabs, best per column in bold)")
     report = commands.add_parser("report", help="write a static HTML report (index.html) of a results directory")
     report.add_argument("results_dir", nargs="?", default="results")
     report.add_argument("--out", help="output folder (default: RESULTS_DIR/report)")
@@ -209,10 +211,10 @@ def print_leaderboard(path: Path) -> None:
 def command_leaderboard(args, console: Console) -> int:
     from cl_bench import leaderboard
 
-    board, excluded, out = leaderboard.build(args.results_dir)
-    print_leaderboard(out / "LEADERBOARD.md")
-    console.print(f"wrote {out / 'leaderboard.csv'} and {out / 'LEADERBOARD.md'} "
-                  f"({len(board)} groups, {len(excluded)} runs excluded)")
+    board, excluded, out = leaderboard.build(args.results_dir, formats=("markdown", args.format))
+    written = [out / "leaderboard.csv", out / "LEADERBOARD.md"] + ([out / "leaderboard.tex"] * (args.format == "latex"))
+    print_leaderboard(written[-1])
+    console.print(f"wrote {', '.join(map(str, written))} ({len(board)} groups, {len(excluded)} runs excluded)")
     return 0
 
 

@@ -246,12 +246,64 @@ def markdown(board: pd.DataFrame, excluded: list[tuple[str, str]]) -> str:
     return out.getvalue()
 
 
-def build(results_dir: str | Path, out_dir: str | Path | None = None) -> tuple[pd.DataFrame, list, Path]:
-    """Aggregate ``results_dir/runs`` and write leaderboard.csv and LEADERBOARD.md into ``out_dir``."""
+# metrics where a smaller value is the better one (the LaTeX table bolds the best per column)
+LOWER_IS_BETTER = {"forgetting_max_prev", "forgetting_first_last", "intransigence"}
+FORMATS = ("markdown", "latex")
+
+
+def _best_rows(part: pd.DataFrame, metric: str) -> set:
+    """Index labels of the best mean of ``metric`` within each eval mode (rows are compared within one)."""
+    best = set()
+    for _, rows in part.groupby("eval_mode", sort=False):
+        means = rows[f"{metric}_mean"].dropna()
+        if len(means) > 1:
+            top = means.min() if metric in LOWER_IS_BETTER else means.max()
+            best |= set(means.index[np.isclose(means, top, rtol=0, atol=1e-9)])
+    return best
+
+
+def latex(board: pd.DataFrame) -> str:
+    """One booktabs table per scenario and model (pandas' Styler): mean $\\pm$ std, the best of each metric
+    column in bold within its eval mode, protocol flags last."""
+    tables = []
+    for (scenario, model), part in board.groupby(["scenario", "model"], sort=False):
+        shown = MARKDOWN_METRICS + [m for m in OPTIONAL_MARKDOWN if part[f"{m}_mean"].notna().any()]
+        cells = pd.DataFrame({"strategy": part["strategy"], "eval": part["eval_mode"], "seeds": part["n_seeds"]})
+        for name in shown:
+            cells[name] = [_cell(mean, std).replace(" ± ", r" $\pm$ ") for mean, std in
+                           zip(part[f"{name}_mean"], part[f"{name}_std"])]
+        cells["protocol_flags"] = part["protocol_flags"]
+        bold = {name: _best_rows(part, name) for name in shown}
+        styler = (cells.style.hide(axis="index")
+                  .format(escape="latex", subset=["strategy", "eval", "protocol_flags"])
+                  .format_index(escape="latex", axis=1)
+                  .apply(lambda column: ["font-weight: bold" if index in bold[column.name] else ""
+                                         for index in column.index], subset=shown))
+        caption = f"{scenario} on {model}: mean ± sample std over seeds (percent points); best per column in bold"
+        tables.append(styler.to_latex(caption=_latex_text(caption), hrules=True, convert_css=True,
+                                      position_float="centering", column_format="llr" + "r" * len(shown) + "l"))
+    return "\n".join(tables)
+
+
+LATEX_SPECIALS = str.maketrans({"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                                "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                                "^": r"\textasciicircum{}", "±": r"$\pm$"})
+
+
+def _latex_text(text: str) -> str:
+    return text.translate(LATEX_SPECIALS)
+
+
+def build(results_dir: str | Path, out_dir: str | Path | None = None,
+          formats: tuple[str, ...] = ("markdown",)) -> tuple[pd.DataFrame, list, Path]:
+    """Aggregate ``results_dir/runs`` and write leaderboard.csv, LEADERBOARD.md and, with ``latex`` among
+    ``formats``, leaderboard.tex into ``out_dir``."""
     collected = collect(results_dir)
     add_intransigence(collected.runs)
     board = aggregate(collected.runs)
     out = Path(out_dir or results_dir)
     atomic_write_text(out / "leaderboard.csv", board.to_csv(index=False, float_format="%.4f"))
     atomic_write_text(out / "LEADERBOARD.md", markdown(board, collected.excluded))
+    if "latex" in formats:
+        atomic_write_text(out / "leaderboard.tex", latex(board))
     return board, collected.excluded, out
