@@ -32,8 +32,15 @@ def make_parser() -> Parser:
     parser = Parser(prog="cl-bench", description="Continual-learning benchmark harness.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    run = commands.add_parser("run", help="train and score one configuration")
+    run = commands.add_parser("run", help="train and score one configuration", add_help=False)
     run.add_argument("overrides", nargs="*", help="key=value, e.g. strategy=er scenario=fmnist strategy.lr=0.05")
+    run.add_argument("-m", "--multirun", action="store_true",
+                     help="run the product of comma lists (seed=0,1,2 strategy=er,finetune) as a bench; it takes "
+                          "the bench's executor=, jobs=, ray.* keys")
+    run.add_argument("-h", "--help", action="store_true",
+                     help="list the keys of the strategy=, scenario=, model= given (type, default, preset, about)")
+    run.add_argument("--cfg", action="store_true", help="print the composed configuration and exit")
+    run.set_defaults(run_help=run.format_help)
     bench = commands.add_parser("bench", help="run every line of a suite file for every seed")
     bench.add_argument("suite", help="suite YAML (e.g. benchmarks/default.yaml)")
     bench.add_argument("overrides", nargs="*", help="key=value applied to every run (e.g. results_dir=DIR), or "
@@ -59,8 +66,31 @@ def command_run(args, console: Console) -> int:
     from cl_bench.config import compose
     from cl_bench.runner import run
 
+    if args.help:
+        from cl_bench.discover import print_keys
+        print_keys(args.overrides, Console(), args.run_help())
+        return 0
+    if args.multirun:
+        from cl_bench import sweep
+        options, overrides = sweep.split_overrides(args.overrides)
+        lines = sweep.multirun_lines(overrides)
+        jobs = sweep.expand(lines, None, [])
+        console.print(f"[bold]{len(jobs)} runs[/bold] (multirun: {len(lines)} lines) on executor="
+                      f"{options.executor}" + (f", jobs={options.jobs}" if options.executor == "local" else ""))
+        return run_jobs(jobs, options, console)
+    if args.cfg:
+        from omegaconf import OmegaConf
+        print(OmegaConf.to_yaml(compose(args.overrides)), end="")
+        return 0
     say = partial(console.print, highlight=False, soft_wrap=True)  # the backbone chosen for the user, and why
-    summary = run(compose(args.overrides, say=say), console=console)
+    try:
+        cfg = compose(args.overrides, say=say)
+    except UserError as error:
+        from cl_bench import sweep
+        if len(sweep.multirun_lines(args.overrides)) > 1:
+            raise UserError(f"{error} (to run every value of a comma list, use cl-bench run -m)") from None
+        raise
+    summary = run(cfg, console=console)
     print_metrics(summary, Console())
     return 0
 
@@ -96,13 +126,20 @@ def load_suite(path: str) -> tuple[list[list[str]], list[int]]:
 
 
 def command_bench(args, console: Console) -> int:
-    from cl_bench import leaderboard, sweep
+    from cl_bench import sweep
 
     lines, seeds = load_suite(args.suite)
     options, overrides = sweep.split_overrides(args.overrides)
     jobs = sweep.expand(lines, seeds, overrides)  # every line is validated before anything runs
     console.print(f"[bold]{len(jobs)} runs[/bold] ({len(lines)} lines x {len(seeds)} seeds) on executor="
                   f"{options.executor}" + (f", jobs={options.jobs}" if options.executor == "local" else ""))
+    return run_jobs(jobs, options, console)
+
+
+def run_jobs(jobs, options, console: Console) -> int:
+    """Run a bench's or a multirun's jobs, print the leaderboard and the failures; the exit code."""
+    from cl_bench import leaderboard, sweep
+
     tally = sweep.run_suite(jobs, options, console)
     board, excluded, out = leaderboard.build(jobs[0].results_dir)
     print_leaderboard(out / "LEADERBOARD.md")

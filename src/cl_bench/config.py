@@ -31,20 +31,20 @@ GROUPS = {"strategy": ("strategies", STRATEGIES), "scenario": ("scenarios", SCEN
           "model": ("models", MODELS)}
 
 BASE = {
-    "strategy": "finetune",
-    "scenario": "fmnist",
+    "strategy": "finetune",  # a registered strategy or a preset in strategies/ (cl-bench list strategies)
+    "scenario": "fmnist",  # a registered scenario or a preset in scenarios/ (cl-bench list scenarios)
     "model": None,  # None: the scenario's default_model, or the strategy's paper_backbone where it does not fit
-    "seed": 0,
+    "seed": 0,  # seeds weights, data order and sampling; the class order has its own scenario key
     "eval_mode": "cil",  # cil: predict among all seen classes; til: mask logits to the task's classes
     "eval_unseen": False,  # also score unseen tasks (and before training) for forward transfer
-    "eval_batch_size": 256,
-    "device": "auto",
-    "results_dir": "results",
-    "resume": True,
+    "eval_batch_size": 256,  # samples per evaluation batch (cil batches mix the seen tasks)
+    "device": "auto",  # auto (cuda when available), cpu, cuda, cuda:N
+    "results_dir": "results",  # runs go to RESULTS_DIR/runs/<run_id>
+    "resume": True,  # a finished run is skipped, an interrupted one resumes; false starts it again
     "keep_checkpoints": 1,  # checkpoints kept per run (newest first); more survive a damaged newest one
-    "progress": True,
-    "plugins": [],
-    "cache_dir": str(Path.home() / ".cache" / "cl_bench"),
+    "progress": True,  # the live progress bar
+    "plugins": [],  # modules imported first, so their strategies, scenarios and models register
+    "cache_dir": str(Path.home() / ".cache" / "cl_bench"),  # frozen-backbone features and converted weights
     # a training budget per task every strategy honours (set at most one; see strategies.base.Budget)
     "budget": {"steps_per_task": None, "samples_per_task": None},
     # true: outside data (e.g. DKVB's key-initialisation set) may overlap the stream; recorded in the protocol

@@ -1,4 +1,5 @@
-"""Suites of runs: ``cl-bench bench SUITE.yaml [executor=local|ray] [jobs=N] [ray.address=...]``.
+"""Suites of runs: ``cl-bench bench SUITE.yaml [executor=local|ray] [jobs=N] [ray.address=...]``, and
+``cl-bench run -m key=a,b ...`` (the product of the comma lists, run as a suite).
 
 A suite expands to argument lines x seeds; every line is composed (validated) before anything runs.
 Each run goes to an executor:
@@ -23,6 +24,7 @@ stop the others. Progress (finished / running / failed / left, ETA) is printed a
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -95,17 +97,36 @@ class Job:
     wait_for_lock: bool = False
 
 
-def expand(lines: list[list[str]], seeds: list[int], overrides: list[str]) -> list[Job]:
+def multirun_lines(overrides: list[str]) -> list[list[str]]:
+    """``cl-bench run -m``: every ``key=a,b,c`` gives one line per value, lines are the product over keys
+    (Hydra's basic sweep). A value in brackets, braces or quotes is one value (``plugins=[a,b]``,
+    ``strategy.lora_targets="q_proj,v_proj"``)."""
+    choices = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or text.startswith(("[", "{", '"', "'")) or "," not in text:
+            choices.append([item])
+            continue
+        values = text.split(",")
+        if not all(values):
+            raise UserError(f"{key}= has an empty value in its sweep list '{text}'"[:300])
+        choices.append([f"{key}={value}" for value in dict.fromkeys(values)])
+    return [list(line) for line in itertools.product(*choices)]
+
+
+def expand(lines: list[list[str]], seeds: list[int] | None, overrides: list[str]) -> list[Job]:
     """One job per (line, seed), composed now so a bad line fails before any run starts; results_dir is
-    made absolute (workers may start elsewhere) and a configuration listed twice runs once."""
+    made absolute (workers may start elsewhere) and a configuration listed twice runs once. ``seeds=None``:
+    each line carries its own seed (or the default)."""
     from cl_bench.config import compose, run_id
 
     jobs, seen = [], set()
     for line in lines:
-        for seed in seeds:
-            cfg = compose(line + [f"seed={seed}"] + overrides)
+        for seed in [None] if seeds is None else seeds:
+            seeded = line + ([] if seed is None else [f"seed={seed}"])
+            cfg = compose(seeded + overrides)
             results_dir = Path(cfg.results_dir).resolve()
-            argv = line + [f"seed={seed}"] + overrides + [f"results_dir={results_dir}"]
+            argv = seeded + overrides + [f"results_dir={results_dir}"]
             identity = run_id(cfg)
             if identity not in seen:
                 seen.add(identity)
