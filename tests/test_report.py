@@ -40,6 +40,8 @@ def results(tmp_path_factory) -> Path:
     summary["provenance"]["command"] = f"cl-bench run strategy={HOSTILE}"
     (hostile / "summary.json").write_text(json.dumps(summary))
     (hostile / "config.yaml").write_text(f"strategy:\n  name: '{HOSTILE}'\n")
+    with open(hostile / "train_log.csv", "a") as log:  # damaged rows are skipped, the others plotted
+        log.write("x,1,1,nan-ish,,\n7,\n\x00\x01,,\n")
     partial = directory / "runs" / "toy-partial"
     shutil.copytree(runs[1], partial)
     summary = json.loads((partial / "summary.json").read_text())
@@ -94,7 +96,7 @@ def test_page_has_a_table_and_figures_per_scenario_and_model_and_a_heatmap_per_r
     text, _ = page
     elements = Elements(text)
     assert len(elements.tables) == 2  # toy on mlp, and the hostile run's scenario on mlp
-    for kind in ("curves", "forgetting", "acc-vs-params", "acc-vs-train-time"):
+    for kind in ("curves", "forgetting", "acc-vs-params", "acc-vs-train-time", "loss"):
         assert len(elements.images(f": {kind}")) == 2, kind
     assert len([a for t, a in elements.tags if t == "img" and a["alt"].startswith("score matrix of")]) == 5
     assert all(a["src"].startswith("data:image/png;base64,") for t, a in elements.tags if t == "img")
@@ -148,6 +150,26 @@ def test_curves_plot_the_seed_spread_and_forgetting_bars_their_metric(results):
     assert points["joint"] == (row["trainable_params_mean"], row["acc_final_task_mean_mean"])
 
 
+def test_loss_curves_are_the_seed_mean_and_spread_of_the_training_logs(results, tmp_path):
+    sections, _, _ = report.load(results)
+    toy = next(s for s in sections if s.scenario == "toy")
+    _, plotted = report.loss_figure(toy.groups, results / "runs", "t")
+    for group in toy.groups:
+        logs = [pd.read_csv(results / "runs" / r["run_id"] / "train_log.csv") for r in group.runs]
+        assert len(logs) == 2 and all(list(log["step"]) == list(logs[0]["step"]) for log in logs)
+        losses = np.array([log["loss"] for log in logs])
+        np.testing.assert_allclose(plotted[group.label]["steps"], logs[0]["step"])
+        np.testing.assert_allclose(plotted[group.label]["mean"], losses.mean(axis=0))
+        np.testing.assert_allclose(plotted[group.label]["low"], losses.min(axis=0))
+    hostile = next(s for s in sections if s.scenario != "toy")
+    _, plotted = report.loss_figure(hostile.groups, results / "runs", "t")
+    [curve] = plotted.values()
+    clean = pd.read_csv(results / "runs" / sorted(g.runs[0]["run_id"] for g in toy.groups)[0] / "train_log.csv")
+    assert len(curve["steps"]) == len(clean)  # the damaged rows appended to the copy are left out
+    (tmp_path / "train_log.csv").write_bytes(b"\x89PNG\x00\xff")
+    assert report.read_train_log(tmp_path) is None and report.read_train_log(tmp_path / "missing") is None
+
+
 def test_figures_tell_strategies_apart_without_colour_and_show_dollars_verbatim(results):
     looks = [report.style(i, 4) for i in range(4)]
     for key in ("marker", "linestyle", "hatch"):
@@ -168,7 +190,7 @@ def test_png_writes_every_figure(results, tmp_path, capsys):
     runs = [p.name for p in (results / "runs").iterdir() if p.name != "toy-partial"]
     hostile_section = report.slug(f"toy {HOSTILE}") + "-mlp"
     expected = {f"{section}-{kind}.png" for section in ("toy-mlp", hostile_section)
-                for kind in ("curves", "forgetting", "acc-vs-params", "acc-vs-train-time")}
+                for kind in ("curves", "forgetting", "acc-vs-params", "acc-vs-train-time", "loss")}
     expected |= {f"{report.slug(name)}-heatmap.png" for name in runs}
     assert set(names) == expected | {"index.html"}
     assert all((tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in expected)
@@ -178,7 +200,7 @@ def test_show_plot_writes_the_run_figures_next_to_it(results, capsys):
     directory = results / "runs" / "toy-partial"  # any run, finished or not
     assert main(["show", str(directory), "--plot"]) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.endswith(".png")]
-    expected = [directory / "figures" / f"{name}.png" for name in ("heatmap", "accuracy_curve", "forgetting")]
+    expected = [directory / "figures" / f"{name}.png" for name in ("heatmap", "accuracy_curve", "forgetting", "loss")]
     assert printed == [str(p) for p in expected]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in expected)
 
@@ -339,7 +361,7 @@ def test_report_renders_in_headless_chromium(page):
     print(f"screenshot of the report: {screenshot}")
     assert result["problems"] == []
     assert result["tables"] == 2
-    assert result["images"] == 2 * 4 + 5 and result["broken"] == []
+    assert result["images"] == 2 * 5 + 5 and result["broken"] == []
     assert result["before"] == ["finetune", "joint"] or result["before"] == ["joint", "finetune"]
     assert result["sorted"] == sorted(result["before"])  # the first header sorts by strategy name
     assert HOSTILE in result["text"] and HOSTILE_RUN_ID in result["text"]  # shown as text, not markup

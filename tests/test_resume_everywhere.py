@@ -1,11 +1,12 @@
 """Every resumable strategy survives ``kill -9`` inside its second task: the same command, rerun, gives
-the uninterrupted run's ``scores.csv`` byte for byte.
+the uninterrupted run's ``scores.csv`` byte for byte, and its ``train_log.csv`` but for the wall-clock rates.
 
 The kill is delivered by the process to itself at a chosen moment (``cl_bench.kill_switch``), so the
 test never races a timer: at optimizer step N of the run, N drawn (seeded) inside task 2 from the
 uninterrupted run's per-task step counts; a strategy that takes no optimizer step in task 2 is killed
 when task 2 is scored, after it learnt task 2 and before its summary and checkpoint are written.
 """
+import csv
 import os
 import random
 import signal
@@ -64,3 +65,12 @@ def test_kill_9_inside_task_2_then_rerun_gives_the_same_scores(tmp_path, name):
     assert resumed["status"] == "finished"
     resumed_scores = (Run(cfg).directory / "scores.csv").read_bytes()
     assert resumed_scores == (Run(reference_cfg).directory / "scores.csv").read_bytes()
+    assert logged_steps(Run(cfg).directory) == logged_steps(Run(reference_cfg).directory)
+
+
+def logged_steps(directory: Path) -> list[tuple]:
+    """train_log.csv without its wall-clock columns (rates)."""
+    path = directory / "train_log.csv"
+    if not path.exists():  # a strategy without optimizer steps
+        return []
+    return [(r["step"], r["task"], r["epoch"], r["loss"], r["lr"]) for r in csv.DictReader(path.open())]

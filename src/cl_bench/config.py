@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from cl_bench._io import MAX_NESTING, nesting_refused, yaml_nesting
 from cl_bench.errors import UserError
 from cl_bench.registry import MODELS, SCENARIOS, STRATEGIES, hyperparameters, import_plugins, suggest
+from cl_bench.train_log import check_loggers
 
 GROUPS = {"strategy": ("strategies", STRATEGIES), "scenario": ("scenarios", SCENARIOS),
           "model": ("models", MODELS)}
@@ -49,9 +50,12 @@ BASE = {
     "budget": {"steps_per_task": None, "samples_per_task": None},
     # true: outside data (e.g. DKVB's key-initialisation set) may overlap the stream; recorded in the protocol
     "allow_stream_data": False,
+    "train_log_every": 10,  # optimizer steps per row of train_log.csv (and per point sent to the loggers)
+    "loggers": [],  # also stream the training log and scores to: tensorboard, wandb, mlflow
 }
 # Keys that say where or how a run executes, not what it computes: left out of the config hashes.
-NOT_HASHED = ("results_dir", "resume", "progress", "plugins", "cache_dir", "device", "keep_checkpoints")
+NOT_HASHED = ("results_dir", "resume", "progress", "plugins", "cache_dir", "device", "keep_checkpoints",
+              "train_log_every", "loggers")
 CHOICES = {"eval_mode": ("cil", "til"), "device": None}
 # Keys added after runs were first published: hashed only when they differ from these defaults, so
 # the run ids of configurations that do not use them stay what they were.
@@ -257,6 +261,8 @@ def compose(argv: list[str] | tuple[str, ...] = (), say: Callable[[str], None] |
             raise UserError(f"unknown key '{key}'{suggest(key, list(BASE) + list(GROUPS))}")
         elif head not in GROUPS and rest:
             raise UserError(f"'{head}' has no sub-keys (got '{key}')")
+    if isinstance(config["loggers"], str):
+        config["loggers"] = [config["loggers"]]
     for key, default in BASE.items():
         if key in GROUPS or default is None or key == "budget":
             continue
@@ -264,6 +270,9 @@ def compose(argv: list[str] | tuple[str, ...] = (), say: Callable[[str], None] |
             key, inspect.Parameter.KEYWORD_ONLY, default=default))
     if config["keep_checkpoints"] < 1:
         raise UserError(f"keep_checkpoints must be at least 1, got {config['keep_checkpoints']}")
+    if config["train_log_every"] < 1:
+        raise UserError(f"train_log_every must be at least 1, got {config['train_log_every']}")
+    config["loggers"] = check_loggers(config["loggers"])
     if config["eval_mode"] not in CHOICES["eval_mode"]:
         raise UserError(f"eval_mode must be one of {', '.join(CHOICES['eval_mode'])}, got {config['eval_mode']!r}")
     for group in GROUPS:

@@ -31,11 +31,11 @@ def _die() -> None:
 if where == "step":
     _count_step, _steps = Strategy.count_step, [0]
 
-    def _counting(self, samples: int) -> None:
+    def _counting(self, samples: int, *args) -> None:
         _steps[0] += 1
         if _steps[0] == moment:
             _die()
-        _count_step(self, samples)
+        _count_step(self, samples, *args)
 
     Strategy.count_step = _counting
 else:

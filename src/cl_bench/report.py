@@ -129,6 +129,42 @@ def curves_figure(groups: list[Group], title: str) -> tuple[Figure, dict]:
     return figure, plotted
 
 
+def read_train_log(directory: Path) -> pd.DataFrame | None:
+    """A run's ``train_log.csv`` (step and loss columns, rows with a number for both), or None when it is
+    missing or unreadable: a damaged log leaves the rest of the report alone."""
+    try:
+        frame = pd.read_csv(directory / "train_log.csv", usecols=["step", "loss"])
+    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError):
+        return None
+    frame = frame.apply(pd.to_numeric, errors="coerce").dropna()
+    frame = frame[np.isfinite(frame["loss"]) & np.isfinite(frame["step"])]
+    return frame if len(frame) else None
+
+
+def loss_figure(groups: list[Group], runs_dir: Path, title: str) -> tuple[Figure, dict] | None:
+    """Training loss against the optimizer step (``train_log.csv``), one line per group: the mean over its
+    seeds at each logged step, the band min..max; None when no run of the groups has a log."""
+    figure, axes = new_figure(6.4, 3.8)
+    plotted = {}
+    for index, group in enumerate(groups):
+        folders = [runs_dir / str(run["run_id"]) for run in group.runs]  # the runner names a folder by its id
+        logs = [log for folder in folders if folder.parent == runs_dir and (log := read_train_log(folder)) is not None]
+        if not logs:
+            continue
+        by_step = pd.concat(logs).groupby("step")["loss"]
+        steps, mean, low, high = by_step.mean().index.to_numpy(), by_step.mean(), by_step.min(), by_step.max()
+        look = style(index, len(groups))
+        axes.fill_between(steps, low, high, color=look["color"], alpha=0.2, linewidth=0)
+        axes.plot(steps, mean, linestyle=look["linestyle"], color=look["color"],
+                  label=literal(f"{group.label} ({len(logs)} log{'s' if len(logs) > 1 else ''})"))
+        plotted[group.label] = {"steps": steps, "mean": mean.to_numpy(), "low": low.to_numpy(), "high": high.to_numpy()}
+    if not plotted:
+        return None
+    axes.set(xlabel="optimizer step", ylabel="training loss (mean over logged steps)", title=literal(title))
+    axes.legend(fontsize="small", title="line: mean, band: min..max over seeds", title_fontsize="small")
+    return figure, plotted
+
+
 def forgetting_figure(groups: list[Group], title: str) -> tuple[Figure, dict]:
     """Forgetting of each task (all but the last), grouped bars with the seed std as error bars."""
     figure, axes = new_figure(6.4, 3.6)
@@ -233,15 +269,18 @@ def load(results_dir) -> tuple[list[Section], pd.DataFrame, list[tuple[str, str]
     return sections, board, collected.excluded
 
 
-def section_figures(section: Section) -> dict[str, tuple[Figure, object]]:
-    """The figures of one (scenario, model), keyed by the name their PNG file ends with."""
+def section_figures(section: Section, runs_dir: Path) -> dict[str, tuple[Figure, object]]:
+    """The figures of one (scenario, model), keyed by the name their PNG file ends with (the loss curves
+    where its runs have training logs)."""
     where = f"{section.scenario} on {section.model}"
-    return {"curves": curves_figure(section.groups, f"{where}: accuracy after each task"),
-            "forgetting": forgetting_figure(section.groups, f"{where}: forgetting per task"),
-            "acc-vs-params": scatter_figure(section.groups, "trainable_params", "trainable parameters",
-                                  f"{where}: accuracy vs trainable parameters"),
-            "acc-vs-train-time": scatter_figure(section.groups, "train_seconds", "training time (s)",
-                                      f"{where}: accuracy vs training time")}
+    figures = {"curves": curves_figure(section.groups, f"{where}: accuracy after each task"),
+               "forgetting": forgetting_figure(section.groups, f"{where}: forgetting per task"),
+               "acc-vs-params": scatter_figure(section.groups, "trainable_params", "trainable parameters",
+                                               f"{where}: accuracy vs trainable parameters"),
+               "acc-vs-train-time": scatter_figure(section.groups, "train_seconds", "training time (s)",
+                                                   f"{where}: accuracy vs training time")}
+    loss = loss_figure(section.groups, runs_dir, f"{where}: training loss")
+    return {**figures, "loss": loss} if loss else figures
 
 
 def run_heatmap(run: dict) -> Figure:
@@ -249,13 +288,17 @@ def run_heatmap(run: dict) -> Figure:
 
 
 def plot_run(directory: Path, summary: dict, sums: np.ndarray, counts: np.ndarray) -> list[Path]:
-    """Write a run's heatmap, accuracy curve and forgetting bars into ``directory/figures``."""
+    """Write a run's heatmap, accuracy curve, forgetting bars and loss curve into ``directory/figures``."""
     run = {**summary, "_sums": sums, "_counts": counts}
     group = [Group(str(summary.get("strategy")), {}, [run])]
     name = summary.get("run_id")
     figures = {"heatmap": run_heatmap(run),
                "accuracy_curve": curves_figure(group, f"{name}: accuracy after each task")[0],
                "forgetting": forgetting_figure(group, f"{name}: forgetting per task")[0]}
+    loss = loss_figure([Group(group[0].label, {}, [{"run_id": directory.name}])], directory.parent,
+                       f"{name}: training loss")
+    if loss:
+        figures["loss"] = loss[0]
     written = []
     for stem, figure in figures.items():
         path = directory / "figures" / f"{stem}.png"
@@ -388,7 +431,7 @@ def render(results_dir, sections: list[Section], board: pd.DataFrame, excluded: 
         body.append(board_table(section, shown))
         body.append(protocol_table(section))
         body.append('<div class="figures">')
-        for kind, (figure, _) in section_figures(section).items():
+        for kind, (figure, _) in section_figures(section, runs_dir).items():
             figures[unique(figures, f"{name}-{kind}.png")] = figure
             body.append(image(figure, f"{section.scenario} on {section.model}: {kind}"))
         body.append("</div><details><summary>runs: score matrices, metrics, protocol cards, config and "

@@ -1,7 +1,8 @@
 """The task loop: train task by task, score every seen task after each (``evaluation.py``), flush, resume.
 
 Results of a run live in ``<results_dir>/runs/<run_id>/``: ``config.yaml``, ``scores.csv`` (sum and
-count per (after_task, eval_task)), ``summary.json`` (metrics, costs, provenance, status) and
+count per (after_task, eval_task)), ``summary.json`` (metrics, costs, provenance, status),
+``train_log.csv`` (loss, learning rate and rates every few steps: ``cl_bench.train_log``) and
 ``checkpoints/task-NNN.pt`` (strategy state, the run's generator and every global RNG state after task
 NNN; the newest ``keep_checkpoints`` are kept). All are written atomically (temporary file + rename)
 after every task, so a crash at any point (``kill -9`` included) leaves a valid partial run that the
@@ -32,6 +33,7 @@ from cl_bench.models.factory import create_backbone
 from cl_bench.registry import SCENARIOS, STRATEGIES
 from cl_bench.scenarios.base import Samples, Stream
 from cl_bench.strategies.base import Budget, Context, NonFiniteLoss, Strategy
+from cl_bench.train_log import TrainLog, open_loggers
 
 # 2: the protocol block, optimizer steps and examples stored per task, mixed-batch cil evaluation
 SCHEMA_VERSION = 2
@@ -202,6 +204,11 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
             start_task, trainable_names = resume(record, strategy, context, previous, summary,
                                                  (sums, counts, general_sums, general_counts), say, stream.tasks)
             say(f"[dim]{record.id}: resuming after task {start_task} of {T}[/dim]")
+        train_log = TrainLog(record.directory / "train_log.csv", cfg.train_log_every)
+        train_log.resume(start_task)
+        context.on_step = train_log.step
+        train_log.loggers = open_loggers(list(cfg.loggers), record.directory, record.directory.name,
+                                         OmegaConf.to_container(cfg))
 
         def flush(status: str, message: str = "") -> None:
             summary.update(status=status, message=message)
@@ -234,10 +241,12 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
                 trainable_names |= trainable
                 trained_before, steps_before = strategy.samples_trained, strategy.optimizer_steps
                 tokens_before = token_counters(strategy)
+                train_log.begin_task(t + 1, strategy)
                 began = time.perf_counter()
                 strategy.learn(task)
                 strategy.after_task(task)
                 trained = time.perf_counter() - began
+                train_log.end_task(strategy)
                 began = time.perf_counter()
                 scored = range(T) if cfg.eval_unseen else range(t + 1)
                 identified = score_tasks(strategy, stream, t + 1, scored, sums, counts, **scoring)
@@ -256,6 +265,9 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
                     **tokens,
                 })
                 summary["tasks_completed"] = t + 1
+                train_log.scores(t + 1, {**{f"task{j + 1}": float(100 * sums[t + 1, j] / counts[t + 1, j])
+                                            for j in scored if counts[t + 1, j] > 0},
+                                         "seen": summary["per_task"][-1]["score"]})
                 flush("running")  # summary before checkpoint: a crash in between only repeats a task
                 if strategy.resumable:
                     save_checkpoint(record, strategy, context, (sums, counts, general_sums, general_counts), t + 1,
@@ -271,6 +283,8 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
         except BaseException as error:
             flush("failed", f"{type(error).__name__}: {error}")
             raise
+        finally:
+            train_log.close(summary["metrics"] if summary["tasks_completed"] == T else None)
         flush("finished")
     return summary
 

@@ -119,8 +119,8 @@ class LanguageModelStrategy(Strategy):
                     torch.nn.utils.clip_grad_norm_(trainable, self.grad_clip)
                 optimizer.step()
                 self.after_optimizer_step()
-                self.count_step(len(batch))
                 self.tokens_trained += self.count_tokens(batch)
+                self.count_step(len(batch), loss, optimizer)
 
     def count_tokens(self, batch: Examples) -> int:
         ids = self.backbone.tokenizer([self.backbone.render(p) + a for p, a in zip(batch.prompts, batch.answers)],

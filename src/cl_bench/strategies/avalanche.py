@@ -281,7 +281,7 @@ class AvalancheStrategy(Strategy):
         self.classes_seen = 0
         self.experience = None  # the last Avalanche training experience
         self.counter = _Bookkeeping(name, self.lr, context.budget,
-                                    on_step=lambda samples: self.count_step(samples))
+                                    on_step=self.count_step)
         with _quiet():
             self._seed()
             try:
@@ -510,7 +510,7 @@ def stored_examples(strategy) -> int:
 
 
 class _Bookkeeping(SupervisedPlugin):
-    """Counts each training iteration (an optimizer step) through ``on_step(samples)`` (the cl-bench
+    """Counts each training iteration (an optimizer step) through ``on_step(samples, loss, optimizer)`` (the cl-bench
     strategy's ``count_step``) and per task, stops the run on a non-finite loss and stops training once
     the task has spent ``budget``."""
 
@@ -539,6 +539,6 @@ class _Bookkeeping(SupervisedPlugin):
                 replayed += plugin.batch_size_mem
         self.steps += 1
         self.samples += len(strategy.mb_y) + replayed
-        self.on_step(len(strategy.mb_y) + replayed)
+        self.on_step(len(strategy.mb_y) + replayed, loss, strategy.optimizer)
         if self.budget is not None and self.spent():
             strategy.stop_training()

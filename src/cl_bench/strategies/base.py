@@ -72,6 +72,8 @@ class Context:
     budget: Budget | None = None
     # outside data the runner lends, by the config key that names it (``Strategy.outside_data_keys``)
     outside: dict[str, OutsideData] = field(default_factory=dict)
+    # hears every optimizer step (``Strategy.count_step``): the run's training log (``cl_bench.train_log``)
+    on_step: Callable[..., None] | None = None
 
 
 class Strategy(nn.Module):
@@ -117,6 +119,7 @@ class Strategy(nn.Module):
         self.optimizer_steps = 0
         self._loop_origin = (0, 0)  # (optimizer_steps, samples_trained) when the current training loop began
         self._loop_budget: Budget | None = None  # what the current training loop may spend
+        self.epoch: int | None = None  # 1-based epoch of the current training loop, for the training log
 
     @property
     def device(self) -> torch.device:
@@ -151,11 +154,14 @@ class Strategy(nn.Module):
         self._loop_origin = (self.optimizer_steps, self.samples_trained)
         self._loop_budget = budget or self.context.budget
         if self._loop_budget is None:
-            yield from range(epochs)
+            for epoch in range(epochs):
+                self.epoch = epoch + 1
+                yield epoch
             return
         epoch = 0
         while not self.budget_spent():
             steps = self.optimizer_steps
+            self.epoch = epoch + 1
             yield epoch
             epoch += 1
             if self.optimizer_steps == steps:
@@ -189,10 +195,13 @@ class Strategy(nn.Module):
         steps_per_epoch = max(1, math.ceil(examples / batch_size))
         return math.ceil(self.planned_steps(epochs, steps_per_epoch, batch_size) / steps_per_epoch)
 
-    def count_step(self, samples: int) -> None:
-        """Count one optimizer step on ``samples`` examples (the protocol card's training counts)."""
+    def count_step(self, samples: int, loss: torch.Tensor | float | None = None, optimizer=None) -> None:
+        """Count one optimizer step on ``samples`` examples (the protocol card's training counts) and hand
+        it, with its loss and optimizer (for the learning rate), to the training log."""
         self.optimizer_steps += 1
         self.samples_trained += samples
+        if self.context.on_step is not None:
+            self.context.on_step(self, samples, loss, optimizer)
 
     def resumed(self, learnt: list[Task]) -> None:
         """Called once a checkpoint's state is loaded, with the tasks learnt before it (never a later one):
@@ -273,7 +282,7 @@ class ClassifierStrategy(Strategy):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                self.count_step(len(targets))
+                self.count_step(len(targets), loss, optimizer)
 
     def predict(self, inputs) -> torch.Tensor:
         return self(inputs)

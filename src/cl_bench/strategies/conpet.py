@@ -245,9 +245,10 @@ class ConPETStatic(_ConPET):
         optimizer = self.make_optimizer(self.task_lr(len(self.pools) + 1))
         for description, batch, sources in self.epochs_of(task):
             examples = self.gather(sources, batch)
-            self.step(optimizer, self.answer_nll(examples).mean(), description, self.grad_clip)
-            self.count_step(len(examples))
+            loss = self.answer_nll(examples).mean()
+            self.step(optimizer, loss, description, self.grad_clip)
             self.tokens_trained += self.count_tokens(examples)
+            self.count_step(len(examples), loss, optimizer)
 
 
 class ConPETDynamic(_ConPET):
@@ -349,8 +350,9 @@ class ConPETDynamic(_ConPET):
                 examples = self.gather(sources, batch)
                 logits = self.selector_head(self.prompt_features(examples.prompts))
                 labels = torch.tensor([s for s, _ in batch], device=logits.device)
-                self.step(optimizer, F.cross_entropy(logits, labels), description, self.selector_grad_clip)
-                self.count_step(len(examples))
+                loss = F.cross_entropy(logits, labels)
+                self.step(optimizer, loss, description, self.selector_grad_clip)
+                self.count_step(len(examples), loss, optimizer)
             self.ensure_adapter("selector")
             self.init_adapter("selector", name)
             self.selector_head.requires_grad_(False)
@@ -360,9 +362,10 @@ class ConPETDynamic(_ConPET):
             if not new:
                 continue
             examples = self.gather(sources, new)
-            self.step(optimizer, self.answer_nll(examples).sum() / len(batch), description, self.grad_clip)
-            self.count_step(len(examples))  # the old slots are drawn but never forwarded
+            loss = self.answer_nll(examples).sum() / len(batch)
+            self.step(optimizer, loss, description, self.grad_clip)
             self.tokens_trained += self.count_tokens(examples)
+            self.count_step(len(examples), loss, optimizer)  # the old slots are drawn but never forwarded
 
     def phase_budgets(self) -> tuple[Budget | None, Budget | None]:
         """(selector, expert) parts of a task's budget at t >= 2: the selector gets half, rounded down."""

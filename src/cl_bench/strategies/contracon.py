@@ -356,7 +356,7 @@ class ConTraCon(Strategy):
                 loss.backward()
                 body_optimizer.step()
                 head_optimizer.step()
-                self.count_step(len(targets))  # one step of both optimizers on one batch
+                self.count_step(len(targets), loss, body_optimizer)  # one step of both optimizers on one batch
             schedule.step()
 
     @torch.no_grad()

@@ -272,7 +272,7 @@ class DKVB(Strategy):
                 if self.grad_clip > 0:
                     nn.utils.clip_grad_norm_([self.values], self.grad_clip)
                 optimizer.step()
-                self.count_step(len(targets))
+                self.count_step(len(targets), loss, optimizer)
 
     @torch.no_grad()
     def predict(self, inputs) -> torch.Tensor:

@@ -266,7 +266,7 @@ class MOS(ClassifierStrategy):
                 optimizer.step()
                 if merge_target is not None:
                     self._pull(self.current, merge_target)
-                self.count_step(len(targets))
+                self.count_step(len(targets), loss, optimizer)
             scheduler.step()
 
     @torch.no_grad()
