@@ -89,6 +89,40 @@ def test_installed_plugin_runs(installed_plugin, tmp_path):
     assert summary["metrics"]["acc_final_task_mean"] > 0
 
 
+def write_csv(path: Path, classes: int = 6, rows_per_class: int = 20) -> Path:
+    """Rows of 4 numeric features around a per-class centre, the label column second (any position works)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    lines = ["f0,label,f1,f2,f3"]
+    for c in range(classes):
+        for _ in range(rows_per_class):
+            x = rng.normal(3.0 * c, 0.5, size=4)
+            lines.append(f"{x[0]:.4f},class_{c},{x[1]:.4f},{x[2]:.4f},{x[3]:.4f}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_installed_plugin_scenario_runs_with_its_strategy(installed_plugin, tmp_path):
+    data = write_csv(tmp_path / "mine.csv")
+    listed = cl_bench("list", "scenarios", pythonpath=installed_plugin)
+    assert listed.returncode == 0 and "csv_classes" in listed.stdout and "rows of a CSV file" in listed.stdout
+    results = tmp_path / "results"
+    result = cl_bench("run", f"strategy={PLUGIN_NAME}", "scenario=csv_classes", f"scenario.path={data}",
+                      "scenario.increment=2", "strategy.epochs=3", "progress=false", f"results_dir={results}",
+                      f"cache_dir={tmp_path}/cache", pythonpath=installed_plugin)
+    assert result.returncode == 0, result.stderr
+    summary, config = summary_and_config(results)
+    assert summary["status"] == "finished" and summary["scenario"] == "csv_classes"
+    assert summary["tasks_total"] == 3 and config["scenario"]["path"] == str(data)
+    assert summary["provenance"]["stream"]["source"] == str(data)
+    assert sum(p["samples_evaluated"] for p in summary["per_task"][-1:]) == 6 * 5  # a quarter of 20 rows held out
+    bad = cl_bench("run", "scenario=csv_classes", f"scenario.path={tmp_path / 'none.csv'}",
+                   f"results_dir={tmp_path / 'bad'}", pythonpath=installed_plugin)
+    assert bad.returncode == 2
+    (line,) = error_lines(bad)
+    assert "scenario.path=" in line and "none.csv" in line
+
+
 def test_installed_plugin_hyperparameter_is_checked(installed_plugin, tmp_path):
     result = cl_bench("run", f"strategy={PLUGIN_NAME}", "scenario=toy", "strategy.smoothin=0.2",
                       f"results_dir={tmp_path}", pythonpath=installed_plugin)
@@ -158,6 +192,30 @@ class LocalMargin(cl_bench.ClassifierStrategy):
         return F.multi_margin_loss(self(inputs), targets, margin=self.margin)
 '''
 
+LOCAL_INSTRUCTIONS = '''
+import cl_bench
+
+
+@cl_bench.register_scenario("local_arithmetic")
+class LocalArithmetic(cl_bench.InstructionScenario):
+    """Two instruction tasks from plain Python data (a local plugin for the tests)."""
+
+    description = "add and double small numbers"
+    default_model = "tiny_llama"
+
+    def build(self):
+        def examples(template, answer, numbers):
+            return cl_bench.Examples([template.format(n=n) for n in numbers], [answer(n) for n in numbers])
+
+        tasks = [cl_bench.Task(i, name, examples(template, answer, range(40)),
+                               examples(template, answer, range(40, 50)),
+                               instruction=template, scorer=scorer, max_new_tokens=4)
+                 for i, (name, template, answer, scorer) in enumerate([
+                     ("plus_one", "{n} plus one:", lambda n: str(n + 1), "exact_match"),
+                     ("double", "Twice {n}:", lambda n: str(2 * n), "exact_string")])]
+        return tasks, [], {"source": "local_arithmetic"}
+'''
+
 DUPLICATE_PLUGIN = '''
 import cl_bench
 
@@ -174,6 +232,7 @@ def local_modules(tmp_path) -> Path:
     folder.mkdir()
     (folder / "local_margin_plugin.py").write_text(LOCAL_PLUGIN)
     (folder / "duplicate_plugin.py").write_text(DUPLICATE_PLUGIN)
+    (folder / "local_instructions.py").write_text(LOCAL_INSTRUCTIONS)
     return folder
 
 
@@ -187,6 +246,19 @@ def test_local_module_plugin_runs(local_modules, tmp_path):
     assert summary["status"] == "finished" and summary["strategy"] == "local_margin"
     assert config["strategy"]["margin"] == 0.5
     assert config["plugins"] == ["local_margin_plugin"]
+
+
+def test_local_instruction_scenario_runs(local_modules, tmp_path):
+    results = tmp_path / "results"
+    result = cl_bench("run", "plugins=[local_instructions]", "scenario=local_arithmetic", "strategy=seqlora",
+                      "strategy.batch_size=8", "scenario.max_train_per_task=16", "progress=false",
+                      f"results_dir={results}", f"cache_dir={tmp_path}/cache", pythonpath=local_modules)
+    assert result.returncode == 0, result.stderr
+    summary, config = summary_and_config(results)
+    assert summary["status"] == "finished" and config["model"]["name"] == "tiny_llama"  # the scenario's default
+    stream = summary["provenance"]["stream"]
+    assert stream["task_order"] == ["plus_one", "double"] and stream["examples"]["double"] == [16, 10]
+    assert stream["scorers"] == {"plus_one": "exact_match", "double": "exact_string"}
 
 
 def test_missing_plugin_module(capsys, tmp_path):

@@ -8,7 +8,10 @@ _EXPORTS = {
     "compose": "cl_bench.config", "run": "cl_bench.runner",
     "register_strategy": "cl_bench.registry", "register_scenario": "cl_bench.registry",
     "register_model": "cl_bench.registry",
-    "Samples": "cl_bench.scenarios.base", "Stream": "cl_bench.scenarios.base", "Task": "cl_bench.scenarios.base",
+    "Samples": "cl_bench.scenarios.base", "Examples": "cl_bench.scenarios.base", "Stream": "cl_bench.scenarios.base",
+    "Task": "cl_bench.scenarios.base", "Scenario": "cl_bench.scenarios._scenario",
+    "ClassIncrementalScenario": "cl_bench.scenarios._scenario", "HeldOutScenario": "cl_bench.scenarios._scenario",
+    "InstructionScenario": "cl_bench.scenarios._scenario", "UserError": "cl_bench.errors",
     "Strategy": "cl_bench.strategies.base", "ClassifierStrategy": "cl_bench.strategies.base",
     "Context": "cl_bench.strategies.base", "to_avalanche": "cl_bench.avalanche_interop",
 }

@@ -1,1 +1,2 @@
-"""An example cl-bench plugin: one strategy, exposed through the ``cl_bench.strategies`` entry point."""
+"""An example cl-bench plugin: a strategy and a scenario, exposed through the ``cl_bench.strategies`` and
+``cl_bench.scenarios`` entry points."""
