@@ -1,11 +1,29 @@
 """Shared fixtures. Tests never touch the network: the Hugging Face libraries are set offline here,
-at import, before any test module imports them."""
+at import, before any test module imports them. ``CL_BENCH_TEST_ORDER=random:SEED`` runs the modules in a
+seeded random order and each module's tests in a random order (a module's tests stay together, so its
+module-scoped fixtures are built once): tests must not depend on each other's order."""
 import os
+import random
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    order = os.environ.get("CL_BENCH_TEST_ORDER", "")
+    if not order.startswith("random"):
+        return
+    rng = random.Random(order.partition(":")[2] or "0")
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    groups = list(modules.values())
+    rng.shuffle(groups)
+    for group in groups:
+        rng.shuffle(group)
+    items[:] = [item for group in groups for item in group]
 
 
 @pytest.fixture
