@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ("overrides", "suites", "results files", "checkpoints", "plugin names")  # tests/test_hostile_input.py
 
 
 def main() -> None:
@@ -27,9 +28,13 @@ def main() -> None:
     lines = [line for line in result.stdout.splitlines() if "fuzzed inputs tried" in line or "passed" in line
              or "failed" in line]
     print("\n".join(line.lstrip(".") for line in lines))
-    if result.returncode:
+    counted = "".join(line for line in lines if "fuzzed inputs tried" in line)
+    missing = [family for family in FAMILIES if f"'{family}': " not in counted]
+    if missing:
+        print(f"families not exercised: {', '.join(missing)}")
+    if result.returncode or missing:
         print(result.stdout[-3000:])
-    sys.exit(result.returncode)
+    sys.exit(result.returncode or int(bool(missing)))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from cl_bench.scenarios.cl_benchmark import LongSequence, StandardCL
 from cl_bench.scenarios.cub import CUB
 from cl_bench.scenarios.digits import Digits
 from cl_bench.scenarios.fmnist import FashionMNIST
+from cl_bench.scenarios.hf import HFClasses, HFInstructions
 from cl_bench.scenarios.imagenet_a import ImageNetA
 from cl_bench.scenarios.imagenet_r import ImageNetR
 from cl_bench.scenarios.instruct_offline import InstructOffline
@@ -60,7 +61,8 @@ for name, scenario in {"toy": Toy, "digits": Digits, "fmnist": FashionMNIST, "wo
                        "cifar100": CIFAR100, "imagenet_r": ImageNetR, "imagenet_a": ImageNetA, "cub": CUB,
                        "objectnet": ObjectNet, "omnibenchmark": OmniBenchmark, "vtab": VTAB,
                        "chatterbot": ChatterBot, "instruct_toy": InstructToy,
-                       "instruct_offline": InstructOffline, "instruct_recurring": InstructRecurring, "trace": TRACE,
+                       "instruct_offline": InstructOffline, "instruct_recurring": InstructRecurring,
+                       "hf": HFClasses, "hf_instructions": HFInstructions, "trace": TRACE,
                        "standard_cl": StandardCL, "long_sequence": LongSequence, "superni": SuperNI}.items():
     SCENARIOS.register(name, scenario)
 for model in (factory.mlp, factory.small_cnn, factory.vit_tiny_test, factory.efficientnet_lite0, factory.minilm,

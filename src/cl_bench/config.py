@@ -211,6 +211,11 @@ def default_model(scenario_type: str, strategy_type: str) -> tuple[str, str]:
     scenario's default: the strategy's paper backbone, where the scenario's default does not fit it."""
     scenario_model = SCENARIOS.get(scenario_type).default_model
     strategy = STRATEGIES.get(strategy_type)
+    if scenario_model is None:  # the data decides (e.g. scenario=hf: images or text)
+        if strategy.paper_backbone:
+            return strategy.paper_backbone, f"model={strategy.paper_backbone}: the backbone of {strategy_type}'s paper"
+        raise UserError(f"scenario {scenario_type} has no default model: pass model=NAME (e.g. efficientnet_lite0 "
+                        f"for images, minilm for text, mlp for feature vectors, smollm2_135m for instructions)")
     fits = not strategy.backbone_pattern or model_fits(strategy.backbone_pattern, scenario_model)
     if fits or not strategy.paper_backbone:
         return scenario_model, ""

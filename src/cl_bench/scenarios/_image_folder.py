@@ -55,6 +55,13 @@ def decode(path: Path, size: int) -> np.ndarray:
             image = opened.convert("RGB")
     except Exception as error:  # PIL raises many types for unreadable files
         raise UserError(f"cannot read image {path}: {type(error).__name__}: {' '.join(str(error).split())}") from None
+    return resize_and_crop(image, size)
+
+
+def resize_and_crop(image, size: int) -> np.ndarray:
+    """An RGB PIL image as uint8 (3, size, size) with the test transform above."""
+    from PIL import Image
+
     width, height = image.size
     short = int(256 / 224 * size)
     if width <= height:
