@@ -23,9 +23,10 @@ def files(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("hf")
     rng = np.random.default_rng(0)
-    vectors = [{"features": list(rng.normal(3.0 * c, 0.3, size=5).astype(float)), "label": f"k{c}"}
+    vectors = [{"features": list(rng.normal(3.0 * c, 0.3, size=5).astype(float)), "label": f"k{c}", "count": c}
                for c in range(4) for _ in range(8)]
     pd.DataFrame(vectors).to_parquet(root / "vectors.parquet")
+    datasets.Dataset.from_dict({"text": [], "label": []}).save_to_disk(str(root / "empty"))
     for split, count in (("train", 4), ("test", 2)):
         for c in range(4):
             (root / "images" / split / f"shape{c}").mkdir(parents=True)
@@ -128,6 +129,14 @@ def test_sharegpt_files_one_task_per_split_answer_is_the_last_assistant_turn(fil
       "scenario.data_files=FILES/alpaca.json", "scenario.scorer=bleu9"], "names scorer 'bleu9'"),
     (["scenario=hf_instructions", "model=tiny_llama", "strategy=seqlora", "scenario.path=parquet",
       "scenario.data_files=FILES/vectors.parquet"], "is neither Alpaca"),
+    (["scenario=hf", "model=mlp", "scenario.path=parquet", "scenario.data_files=FILES/vectors.parquet",
+      "scenario.test_split=null", "scenario.input_column=count"], "holds Value('int64'), not images, text"),
+    (["scenario=hf", "model=mlp", "scenario.path=FILES/empty", "scenario.test_split=null"],
+     "could not be loaded with datasets"),  # datasets itself refuses an empty saved dataset
+    (["scenario=hf", "model=mlp", "scenario.path=parquet", "scenario.data_files=FILES/vectors.parquet",
+      "scenario.test_split=null", "scenario.label_column=features"], "cannot hold out a stratified"),
+    (["scenario=hf", "model=mlp", "scenario.path=parquet", "scenario.data_files=FILES/vectors.parquet",
+      "scenario.test_split=null", "scenario.input_column=nope"], "scenario.input_column='nope' is not a column"),
 ])
 def test_bad_settings_are_one_line_errors(capsys, files, tmp_path, overrides, expected):
     argv = ["run", *[o.replace("FILES", str(files)) for o in overrides], "progress=false", f"results_dir={tmp_path}"]

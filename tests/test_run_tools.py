@@ -42,6 +42,14 @@ def test_multirun_trains_every_combination_once_and_writes_the_leaderboard(capsy
     assert "4/4 done (0 finished, 4 already done" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bad", ["seed=0,,1", "strategy=er,"])
+def test_a_malformed_sweep_list_is_one_line_and_runs_nothing(capsys, fast_args, tmp_results, bad):
+    assert main(["run", "-m", "scenario=toy", bad, *fast_args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "empty value in its sweep list" in err
+    assert not (tmp_results / "runs").exists()
+
+
 def test_a_comma_list_without_m_says_to_use_it(capsys, fast_args, tmp_results):
     assert main(["run", "scenario=toy", "seed=0,1", *fast_args]) == 2
     err = capsys.readouterr().err.strip()

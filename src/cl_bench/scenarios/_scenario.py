@@ -84,8 +84,12 @@ class HeldOutScenario(ClassIncrementalScenario):
         """Sorted train and test indices, stratified by class (scikit-learn's ``train_test_split``)."""
         from sklearn.model_selection import train_test_split
 
-        train, test = train_test_split(np.arange(len(targets)), test_size=self.test_fraction, stratify=targets,
-                                       random_state=self.split_seed)
+        try:
+            train, test = train_test_split(np.arange(len(targets)), test_size=self.test_fraction, stratify=targets,
+                                           random_state=self.split_seed)
+        except ValueError as error:  # too few examples of a class to hold one out
+            raise UserError(f"scenario {self.name}: cannot hold out a stratified scenario.test_fraction="
+                            f"{self.test_fraction}: {' '.join(str(error).split())}"[:300]) from None
         return np.sort(train), np.sort(test)
 
 

@@ -27,6 +27,7 @@ from ``test_split`` or a held-out ``test_fraction`` (``split_seed``).
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -50,6 +51,9 @@ def load_splits(path: str, subset: str | None, data_files, revision: str | None)
         raise UserError("scenario.path is required: a hub id, a builder (parquet, json, csv, imagefolder) with "
                         "scenario.data_files, a local folder, or a save_to_disk folder")
     local = Path(path).expanduser()
+    shown = datasets.is_progress_bar_enabled()
+    if not sys.stderr.isatty():  # progress bars only on a terminal: logs and captured stderr stay clean
+        datasets.disable_progress_bars()
     try:
         if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
             loaded = datasets.load_from_disk(str(local))
@@ -59,6 +63,9 @@ def load_splits(path: str, subset: str | None, data_files, revision: str | None)
         first_line = (" ".join(str(error).split()) or type(error).__name__)[:300]
         raise UserError(f"scenario.path={path!r} could not be loaded with datasets: {type(error).__name__}: "
                         f"{first_line}") from None
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     return loaded
@@ -74,6 +81,8 @@ def plain(value):
 def pick_split(splits, name: str, path: str):
     if name not in splits:
         raise UserError(f"scenario.path={path!r} has no split {name!r} (it has: {', '.join(splits)})")
+    if len(splits[name]) == 0:
+        raise UserError(f"split {name!r} of scenario.path={path!r} is empty")
     return splits[name]
 
 
@@ -268,7 +277,7 @@ class HFInstructions(InstructionScenario):
                     target.setdefault(str(task), []).append(row)
         else:  # every split is a task
             for name, dataset in splits.items():
-                train_rows[name] = self.rows(dataset, form)
+                train_rows[name] = self.rows(pick_split(splits, name, self.path), form)
         return train_rows, test_rows
 
     def scorer_of(self, task: str) -> str:
