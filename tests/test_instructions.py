@@ -253,3 +253,40 @@ def test_smollm2_converts_its_gguf_once_and_answers():
     assert (lm.cache_root() / "models").is_dir() and model.use_chat_template
     answer, _ = model.generate(["What is the capital of France?"], max_new_tokens=12, batch_size=1, device="cpu")
     assert "paris" in answer[0].lower()
+
+
+@pytest.mark.parametrize("strategy", ["seqft", "seqlora"])
+def test_grad_accum_gives_the_update_of_the_larger_batch(tmp_path, strategy):
+    """batch 3 x grad_accum 2 trains like batch 6 at once: same batches, same steps, weights within float
+    noise. (LoRA dropout off: its masks are drawn per forward, so they differ between the two ways.)"""
+    from cl_bench.runner import build_strategy, build_stream, seed_everything
+    from cl_bench.strategies.base import Context
+
+    def trained(batch_size: int, grad_accum: int):
+        cfg = compose(["scenario=instruct_toy", "model=tiny_llama", f"strategy={strategy}", "strategy.lr=0.01",
+                       f"strategy.batch_size={batch_size}", f"strategy.grad_accum={grad_accum}",
+                       "scenario.train_size=18", "progress=false", f"results_dir={tmp_path}",
+                       *(["strategy.lora_dropout=0"] if strategy == "seqlora" else [])])
+        seed_everything(0)
+        context = Context(generator=torch.Generator().manual_seed(0))
+        learner, stream, _ = build_strategy(cfg, build_stream(cfg), context, lambda items, *a, **k: items)
+        learner.learn(stream.tasks[0])
+        return learner.optimizer_steps, learner.samples_trained, {n: p.detach().clone()
+                                                                  for n, p in learner.named_parameters()
+                                                                  if p.requires_grad}
+
+    steps, samples, whole = trained(6, 1)
+    accumulated_steps, accumulated_samples, accumulated = trained(3, 2)
+    assert (accumulated_steps, accumulated_samples) == (steps, samples) == (3, 18)
+    for name, tensor in whole.items():
+        torch.testing.assert_close(accumulated[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    _, _, small = trained(3, 1)  # the control: half the batch is a different update
+    assert any(not torch.allclose(small[n], t, rtol=1e-4, atol=1e-5) for n, t in whole.items())
+
+
+def test_conpet_says_it_does_not_accumulate(capsys, tmp_path):
+    from cl_bench.cli import main
+
+    assert main(["run", "strategy=conpet_static", "scenario=instruct_toy", "model=tiny_llama",
+                 "strategy.grad_accum=2", "progress=false", f"results_dir={tmp_path}"]) == 2
+    assert "ConPET does not support strategy.grad_accum" in capsys.readouterr().err

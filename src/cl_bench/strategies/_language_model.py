@@ -3,7 +3,10 @@ greedy generation.
 
 A training step is ``loss(batch, task)`` (next-token cross-entropy on the answer tokens), a gradient
 clip over the trainable tensors, an AdamW step, then ``after_optimizer_step()``; methods override
-the piece they change. Batches are grouped by length (shuffled, then sorted inside windows of 32
+the piece they change. ``grad_accum=N`` makes a step's batch N x ``batch_size`` examples, forwarded in N
+micro-batches of ``batch_size`` whose losses are weighted by their share of the batch's answer tokens: the
+same gradient as the whole batch at once for a token-mean loss (the auxiliary terms of LoRAMoE and IV-guided
+training are averaged over micro-batches by the same weights). Batches are grouped by length (shuffled, then sorted inside windows of 32
 batches) so padding stays small without a per-example loop. ``predict(prompts, max_new_tokens)``
 returns generated strings, one limit for all prompts or one per prompt (an evaluation batch mixes
 tasks with different limits); the runner scores them with each task's scorer.
@@ -16,7 +19,7 @@ from contextlib import nullcontext
 import torch
 
 from cl_bench.errors import UserError
-from cl_bench.models.lm import LanguageModel
+from cl_bench.models.lm import IGNORE_INDEX, LanguageModel
 from cl_bench.scenarios.base import Examples, Task
 from cl_bench.strategies.base import Context, Strategy
 
@@ -32,17 +35,19 @@ class LanguageModelStrategy(Strategy):
 
     def __init__(self, backbone: LanguageModel, context: Context, *, epochs: int = 1, batch_size: int = 8,
                  lr: float = 1e-4, weight_decay: float = 0.0, grad_clip: float = 1.0,
-                 generation_batch_size: int = 16, bf16: bool = False, gradient_checkpointing: bool = False):
+                 generation_batch_size: int = 16, bf16: bool = False, gradient_checkpointing: bool = False,
+                 grad_accum: int = 1):
         super().__init__(backbone, context)
         if not isinstance(backbone, LanguageModel):
             raise UserError(f"strategy {type(self).__name__} needs a language model (e.g. model=smollm2_135m), "
                             f"got {type(backbone).__name__}")
-        if epochs < 0 or batch_size < 1 or lr < 0 or generation_batch_size < 1:
-            raise UserError(f"need epochs >= 0, batch_size >= 1, generation_batch_size >= 1 and lr >= 0 "
-                            f"(got {epochs}, {batch_size}, {generation_batch_size}, {lr})")
+        if epochs < 0 or batch_size < 1 or lr < 0 or generation_batch_size < 1 or grad_accum < 1:
+            raise UserError(f"need epochs >= 0, batch_size >= 1, generation_batch_size >= 1, grad_accum >= 1 and "
+                            f"lr >= 0 (got {epochs}, {batch_size}, {generation_batch_size}, {grad_accum}, {lr})")
         if bf16 and context.device.type != "cuda":
             raise UserError("strategy.bf16=true is for GPU runs; on the CPU keep float32")
-        self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
+        self.epochs, self.batch_size, self.lr, self.grad_accum = epochs, batch_size, lr, grad_accum
+        self._encoded: dict[int, dict] = {}  # micro-batch id -> its encoding, while a step accumulates
         self.weight_decay, self.grad_clip = weight_decay, grad_clip
         self.generation_batch_size, self.bf16 = generation_batch_size, bf16
         if gradient_checkpointing:
@@ -68,22 +73,29 @@ class LanguageModelStrategy(Strategy):
     def training_data(self, task: Task) -> Examples:
         return task.train
 
+    @property
+    def step_batch_size(self) -> int:
+        """Examples per optimizer step: ``batch_size`` x ``grad_accum``."""
+        return self.batch_size * self.grad_accum
+
     def example_batches(self, examples: Examples, *, description: str = ""):
-        """Shuffled batches of ``examples``, grouped by prompt+answer length inside windows."""
-        count = len(examples)
+        """Shuffled batches of ``step_batch_size`` examples, grouped by prompt+answer length inside windows."""
+        count, batch_size = len(examples), self.step_batch_size
         order = torch.randperm(count, generator=self.context.generator).tolist()
         size = [len(examples.prompts[i]) + len(examples.answers[i]) for i in range(count)]
-        window = LENGTH_WINDOW * self.batch_size
+        window = LENGTH_WINDOW * batch_size
         batches = []
         for start in range(0, count, window):
             part = sorted(order[start:start + window], key=size.__getitem__)
-            batches += [part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+            batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
         shuffled = torch.randperm(len(batches), generator=self.context.generator).tolist()
         for index in self.context.progress(shuffled, description, total=len(batches)):
             yield examples.select(batches[index])
 
     def encode(self, batch: Examples) -> dict[str, torch.Tensor]:
-        return self.backbone.training_batch(batch.prompts, batch.answers, self.device)
+        cached = self._encoded.get(id(batch))
+        return cached if cached is not None else self.backbone.training_batch(batch.prompts, batch.answers,
+                                                                               self.device)
 
     def lm_loss(self, encoded: dict[str, torch.Tensor], **forward) -> torch.Tensor:
         with self.autocast():
@@ -111,16 +123,36 @@ class LanguageModelStrategy(Strategy):
             for batch in self.example_batches(data, description=description):
                 if self.budget_spent():
                     break
-                loss = self.loss(batch, task)
-                self.check_finite(loss, description)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = self.accumulate(batch, task, description)
                 if self.grad_clip:
                     torch.nn.utils.clip_grad_norm_(trainable, self.grad_clip)
                 optimizer.step()
                 self.after_optimizer_step()
                 self.tokens_trained += self.count_tokens(batch)
                 self.count_step(len(batch), loss, optimizer)
+
+    def accumulate(self, batch: Examples, task: Task, description: str) -> torch.Tensor:
+        """Forward and backward of one step's batch (in ``grad_accum`` micro-batches); the batch's loss."""
+        if self.grad_accum == 1:
+            loss = self.loss(batch, task)
+            self.check_finite(loss, description)
+            loss.backward()
+            return loss.detach()
+        micro = [batch.select(range(start, min(start + self.batch_size, len(batch))))
+                 for start in range(0, len(batch), self.batch_size)]
+        self._encoded = {id(part): self.encode(part) for part in micro}
+        targets = [int((self._encoded[id(part)]["labels"][:, 1:] != IGNORE_INDEX).sum()) for part in micro]
+        total, summed = max(sum(targets), 1), 0.0
+        try:
+            for part, count in zip(micro, targets):
+                loss = self.loss(part, task) * (count / total)
+                self.check_finite(loss, description)
+                loss.backward()
+                summed = summed + loss.detach()
+        finally:
+            self._encoded = {}
+        return summed
 
     def count_tokens(self, batch: Examples) -> int:
         ids = self.backbone.tokenizer([self.backbone.render(p) + a for p, a in zip(batch.prompts, batch.answers)],

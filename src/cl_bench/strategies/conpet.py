@@ -111,6 +111,9 @@ class _ConPET(LanguageModelStrategy):
                  lora_targets: str = "q_proj,k_proj", **kwargs):
         super().__init__(backbone, context, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          grad_clip=grad_clip, **kwargs)
+        if self.grad_accum != 1:
+            raise UserError("ConPET does not support strategy.grad_accum: its own loops draw each step's batch from "
+                            "the replay pools; raise strategy.batch_size instead")
         if batch_new_old_ratio <= 0 or int(batch_size * batch_new_old_ratio / (batch_new_old_ratio + 1)) < 1:
             raise UserError(f"strategy.batch_new_old_ratio must be > 0 and leave at least one new example per "
                             f"batch of {batch_size} (got {batch_new_old_ratio})")

@@ -383,9 +383,10 @@ class IVGuided(LanguageModelStrategy):
         self.function_vectors.append(self.function_vector.cpu())
 
     def learn(self, task: Task) -> None:
-        count, window = len(self.training_data(task)), 32 * self.batch_size
-        steps_per_epoch = sum(math.ceil(min(window, count - s) / self.batch_size) for s in range(0, count, window))
-        self._steps_total = self.planned_steps(self.epochs, steps_per_epoch, self.batch_size)
+        count, size = len(self.training_data(task)), self.step_batch_size
+        window = 32 * size
+        steps_per_epoch = sum(math.ceil(min(window, count - s) / size) for s in range(0, count, window))
+        self._steps_total = self.planned_steps(self.epochs, steps_per_epoch, size)
         self._step = 0
         super().learn(task)
 
