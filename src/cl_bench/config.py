@@ -275,6 +275,8 @@ def compose(argv: list[str] | tuple[str, ...] = (), say: Callable[[str], None] |
             key, inspect.Parameter.KEYWORD_ONLY, default=default))
     if config["keep_checkpoints"] < 1:
         raise UserError(f"keep_checkpoints must be at least 1, got {config['keep_checkpoints']}")
+    if config["eval_batch_size"] < 1:
+        raise UserError(f"eval_batch_size must be at least 1, got {config['eval_batch_size']}")
     if config["train_log_every"] < 1:
         raise UserError(f"train_log_every must be at least 1, got {config['train_log_every']}")
     config["loggers"] = check_loggers(config["loggers"])
