@@ -1,4 +1,5 @@
-"""Harness overhead: cl-bench's ``strategy=finetune`` against Avalanche's ``Naive`` on the same work.
+"""Harness overhead: cl-bench's ``strategy=finetune`` against Avalanche's ``Naive`` and a plain PyTorch loop
+on the same work.
 
 What is measured
     Wall-clock seconds of one whole continual-learning run, train and evaluation, on Split-Fashion-MNIST
@@ -32,8 +33,12 @@ How the two are made identical
       evaluation batch size, same seed set before each run, same torch thread count, CPU, same process.
       Shuffling orders differ (each tool draws its own), so accuracies agree only approximately.
 
-    Runs alternate (cl-bench first on even repeats, Avalanche first on odd ones) after an untimed warm-up
-    of both on a tiny stream; the table reports medians. The target is cl-bench / Avalanche <= 1.10.
+    * Plain PyTorch (``run_plain``): no harness at all, the same backbone module and preprocessing, a
+      linear head grown by copying rows, a fresh SGD per task, batches sliced from ``torch.randperm``, and the
+      pooled seen-task test accuracy after each task; nothing is written.
+
+    Runs rotate (each tool takes each position in turn) after an untimed warm-up of all three on a tiny
+    stream; the table reports medians. Targets: cl-bench / Avalanche <= 1.10, cl-bench / plain <= 1.05.
     The script always exits 0: it reports, the tests assert.
 
 Usage
@@ -62,6 +67,7 @@ import torch  # noqa: E402
 from cl_bench.avalanche_interop import check_same_data, to_avalanche  # noqa: E402
 
 TARGET_RATIO = 1.10
+PLAIN_TARGET_RATIO = 1.05  # against a loop with no harness at all (issue 17)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -204,6 +210,61 @@ def run_avalanche(cfg, stream, benchmark, args) -> tuple[Meter, dict]:
     return meter, {"accuracy": accuracy, "train_seconds": train_seconds, "eval_seconds": eval_seconds}
 
 
+# --------------------------------------------------------------------------------------------- plain PyTorch
+
+def run_plain(cfg, stream, args) -> tuple[Meter, dict]:
+    """The same training and evaluation with no harness at all: the backbone module, a linear head grown by
+    copying its rows, a fresh SGD per task, batches sliced from a ``torch.randperm``, and after each task
+    the accuracy over the pooled test samples of the seen tasks (one prediction per sample, as cl-bench)."""
+    from cl_bench.models.factory import create_backbone
+
+    gc.collect()
+    meter = Meter().__enter__()
+    seed_all(args.seed)
+    backbone = create_backbone(cfg.model, stream.input_kind, stream.input_shape)
+    head = torch.nn.Linear(backbone.out_dim, 0)
+    train_seconds = eval_seconds = 0.0
+    correct = total = 0
+    for k, task in enumerate(stream.tasks):
+        began = time.perf_counter()
+        seen = max(max(t.classes) for t in stream.tasks[: k + 1]) + 1
+        grown = torch.nn.Linear(backbone.out_dim, seen)
+        with torch.no_grad():
+            grown.weight[: head.out_features] = head.weight
+            grown.bias[: head.out_features] = head.bias
+        head = grown
+        parameters = list(backbone.parameters()) + list(head.parameters())
+        optimizer = torch.optim.SGD(parameters, lr=args.lr, momentum=args.momentum)
+        inputs, targets = task.train.inputs, task.train.targets
+        backbone.train()
+        for _ in range(args.epochs):
+            order = torch.randperm(len(targets))
+            for start in range(0, len(order), args.batch_size):
+                index = order[start:start + args.batch_size]
+                batch = inputs[index]
+                loss = torch.nn.functional.cross_entropy(head(backbone(backbone.prepare(batch, batch.device))),
+                                                         targets[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        train_seconds += time.perf_counter() - began
+        began = time.perf_counter()
+        backbone.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for seen_task in stream.tasks[: k + 1]:
+                test_inputs, test_targets = seen_task.test.inputs, seen_task.test.targets
+                for start in range(0, len(test_targets), args.eval_batch_size):
+                    batch = test_inputs[start:start + args.eval_batch_size]
+                    predicted = head(backbone(backbone.prepare(batch, batch.device))).argmax(1)
+                    correct += int((predicted == test_targets[start:start + args.eval_batch_size]).sum())
+                    total += len(batch)
+        eval_seconds += time.perf_counter() - began
+    meter.__exit__(None, None, None)
+    return meter, {"accuracy": 100.0 * correct / max(total, 1), "train_seconds": train_seconds,
+                   "eval_seconds": eval_seconds}
+
+
 # --------------------------------------------------------------------------------------------- driver
 
 def tiny_stream(stream, per_class: int = 32):
@@ -275,18 +336,22 @@ def main(argv=None) -> int:
             small_benchmark = to_avalanche(small)
             run_clbench(cfg, small)
             run_avalanche(cfg, small, small_benchmark, args)
+            run_plain(cfg, small, args)
 
-        runs = {"cl-bench": [], "avalanche": []}
+        tools = ("cl-bench", "avalanche", "plain")
+        runs = {tool: [] for tool in tools}
         for repeat in range(args.repeats):
-            order = ("cl-bench", "avalanche") if repeat % 2 == 0 else ("avalanche", "cl-bench")
+            order = tools[repeat % 3:] + tools[: repeat % 3]  # each tool takes each position in turn
             for tool in order:
                 if tool == "cl-bench":
                     meter, summary = run_clbench(cfg, stream)
                     cost = summary["cost"]
                     info = {"accuracy": summary["metrics"]["acc_final_sample_weighted"],
                             "train_seconds": cost["train_seconds"], "eval_seconds": cost["eval_seconds"]}
-                else:
+                elif tool == "avalanche":
                     meter, info = run_avalanche(cfg, stream, benchmark, args)
+                else:
+                    meter, info = run_plain(cfg, stream, args)
                 if torch.get_num_threads() != args.threads:
                     print(f"warning: torch threads changed to {torch.get_num_threads()} during {tool}; resetting")
                     torch.set_num_threads(args.threads)
@@ -308,7 +373,7 @@ def main(argv=None) -> int:
         def median(tool, key):
             return statistics.median(run[key] for run in runs[tool])
 
-        for tool in ("cl-bench", "avalanche"):
+        for tool in tools:
             print(f"{tool:10s} {median(tool, 'wall'):9.2f} {min(r['wall'] for r in runs[tool]):7.2f} "
                   f"{median(tool, 'cpu'):7.2f} {median(tool, 'train_seconds'):8.2f} "
                   f"{median(tool, 'eval_seconds'):7.2f} "
@@ -321,6 +386,11 @@ def main(argv=None) -> int:
         print(f"\nratio cl-bench / avalanche = {ratio:.3f} "
               f"(median wall-clock; target <= {TARGET_RATIO:.2f}: {verdict})")
         print(f"                            {ratio_min:.3f} (fastest run of each), {ratio_cpu:.3f} (median CPU time)")
+        plain_ratio = median("cl-bench", "wall") / median("plain", "wall")
+        verdict = "within target" if plain_ratio <= PLAIN_TARGET_RATIO else "ABOVE target (rerun with --profile)"
+        print(f"ratio cl-bench / plain PyTorch = {plain_ratio:.3f} (median wall-clock; target <= "
+              f"{PLAIN_TARGET_RATIO:.2f}: {verdict}), "
+              f"{min(r['wall'] for r in runs['cl-bench']) / min(r['wall'] for r in runs['plain']):.3f} (fastest run)")
         print("final acc = accuracy over all test samples of all tasks after the last task (cl-bench "
               "acc_final_sample_weighted, Avalanche Top1_Acc_Stream); 'other' = setup, bookkeeping and "
               "result files outside the train and eval loops")
