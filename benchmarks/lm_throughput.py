@@ -64,16 +64,16 @@ def example(backbone, length: int) -> tuple[str, str]:
         words += max(1, (length - row) // 2)
 
 
-def build(name: str, model: str, batch: int):
+def build(name: str, model: str, batch: int, device: str):
     """(strategy, its base model before the method touched it) with the suite's LM settings."""
     cfg = compose([f"strategy={name}", "scenario=instruct_toy", f"model={model}", f"strategy.batch_size={batch}",
-                   "strategy.epochs=1", "strategy.lr=0.0001", "progress=false"])
+                   "strategy.epochs=1", "strategy.lr=0.0001", "progress=false", f"device={device}"])
     seed_everything(0)
     backbone = create_backbone(cfg.model, "text", ())
     base = copy.deepcopy(backbone.model)
     settings = {k: v for k, v in dict(cfg.strategy).items() if k not in ("name", "type")}
-    context = Context(generator=torch.Generator().manual_seed(0))
-    return STRATEGIES.get(name)(backbone, context, **settings), base, backbone
+    context = Context(device=torch.device(device), generator=torch.Generator().manual_seed(0))
+    return STRATEGIES.get(name)(backbone, context, **settings).to(device), base.to(device), backbone
 
 
 def plain_model(name: str, strategy, base):
@@ -92,6 +92,11 @@ def plain_model(name: str, strategy, base):
     return get_peft_model(model, config)
 
 
+def synchronise() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_plain_training(model, encoded: dict, steps: int) -> float:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
@@ -103,6 +108,7 @@ def time_plain_training(model, encoded: dict, steps: int) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
+    synchronise()
     return time.perf_counter() - began
 
 
@@ -111,18 +117,19 @@ def time_strategy_training(strategy, task: Task) -> tuple[float, int]:
     tokens = strategy.tokens_trained
     began = time.perf_counter()
     strategy.learn(task)
+    synchronise()
     seconds = time.perf_counter() - began
     strategy.after_task(task)
     return seconds, strategy.tokens_trained - tokens
 
 
 def training_row(name: str, args) -> tuple[float, float]:
-    strategy, base, backbone = build(name, args.model, args.batch)
+    strategy, base, backbone = build(name, args.model, args.batch, args.device)
     prompt, answer = example(backbone, args.length)
     task = Task(0, "bench", Examples([prompt] * (args.steps * args.batch), [answer] * (args.steps * args.batch)),
                 Examples([prompt], [answer]), instruction="Say pear.", scorer="rouge_l", max_new_tokens=8)
     plain = plain_model(name, strategy, base)
-    encoded = backbone.training_batch([prompt] * args.batch, [answer] * args.batch, "cpu")
+    encoded = backbone.training_batch([prompt] * args.batch, [answer] * args.batch, args.device)
     plain_tokens = int(encoded["attention_mask"].sum()) * args.steps
     ours, theirs = [], []
     time_plain_training(plain, encoded, 1)  # warm-up, untimed
@@ -137,11 +144,11 @@ def training_row(name: str, args) -> tuple[float, float]:
 
 
 def generation_row(args) -> tuple[float, float]:
-    strategy, base, backbone = build("seqft", args.model, args.batch)
+    strategy, base, backbone = build("seqft", args.model, args.batch, args.device)
     prompt, _ = example(backbone, args.length // 2)
     prompts = [prompt] * args.generation_prompts
     ids = backbone.prompt_ids(prompts)
-    input_ids, attention_mask = backbone.left_padded(ids, "cpu")
+    input_ids, attention_mask = backbone.left_padded(ids, args.device)
     tokenizer = backbone.tokenizer
     model = strategy.lm
     model.eval()
@@ -179,11 +186,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--generation-prompts", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA, times are synchronised)")
     parser.add_argument("--strategies", nargs="+", default=STRATEGY_NAMES)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"model {args.model}, batch {args.batch} x {args.length} tokens, {args.steps} steps x {args.rounds} rounds, "
-          f"{args.threads} threads, fp32 CPU")
+          f"{args.threads} threads, fp32 on {args.device}")
     print(f"{'what':<20} {'cl-bench tok/s':>15} {'plain tok/s':>12} {'ratio':>7}  target or bound")
     for name in args.strategies:
         ours, theirs = training_row(name, args)

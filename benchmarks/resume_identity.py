@@ -32,14 +32,14 @@ FAMILIES = {
 }
 
 
-def run(results: Path, family: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+def run(results: Path, family: str, kill_at: str | None = None, device: str = "cpu") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     plugins = []
     if kill_at:
         env["CL_BENCH_KILL_AT"] = kill_at
         plugins = ["plugins=[cl_bench.kill_switch]"]
     return subprocess.run([sys.executable, "-m", "cl_bench.cli", "run", *FAMILIES[family], "progress=false",
-                           "device=cpu", f"results_dir={results}", f"cache_dir={results.parent}/cache", *plugins],
+                           f"device={device}", f"results_dir={results}", f"cache_dir={results.parent}/cache", *plugins],
                           capture_output=True, text=True, env=env)
 
 
@@ -53,13 +53,14 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the CUDA RNG resume check")
     args = parser.parse_args()
     chance = random.Random(args.seed)
     failures = 0
     for family in args.family:
         with tempfile.TemporaryDirectory() as scratch:
             reference = Path(scratch, "reference")
-            done = run(reference, family)
+            done = run(reference, family, device=args.device)
             if done.returncode:
                 sys.exit(f"{family}: the uninterrupted run failed: {done.stderr.strip().splitlines()[-1:]}")
             (summary,) = reference.glob("runs/*/summary.json")
@@ -67,8 +68,8 @@ def main() -> None:
             identical = 0
             for kill in range(1, args.kills + 1):
                 results, step = Path(scratch, f"kill-{kill}"), chance.randint(1, steps)
-                killed = run(results, family, f"step:{step}")
-                resumed = run(results, family)
+                killed = run(results, family, f"step:{step}", args.device)
+                resumed = run(results, family, device=args.device)
                 same = killed.returncode == -signal.SIGKILL and resumed.returncode == 0 and \
                     scores(results) == scores(reference)
                 identical += same
