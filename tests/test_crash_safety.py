@@ -177,7 +177,8 @@ def test_a_full_disk_mid_run_is_one_line_leaves_the_files_and_resumes(tmp_path, 
     def disk_fills_during_task_3(self, task):
         if task.index == 2:
             before.update({p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-                           for p in record.directory.rglob("*") if p.is_file()})
+                           for p in record.directory.rglob("*") if p.is_file() and p.name != "train_log.csv"})
+            before["train_log rows"] = (record.directory / "train_log.csv").read_text()
             monkeypatch.setattr(os, "fsync", no_space)  # every write from here on fails
         return original(self, task)
 
@@ -189,11 +190,16 @@ def test_a_full_disk_mid_run_is_one_line_leaves_the_files_and_resumes(tmp_path, 
     (line,) = [line for line in err.splitlines() if line.startswith("error")]
     assert "Traceback" not in err and "internal error" not in err
     assert f"cannot write {record.directory}" in line and "No space left on device" in line
-    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in record.directory.rglob("*") if p.is_file()}
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in record.directory.rglob("*")
+             if p.is_file() and p.name != "train_log.csv"}
+    rows = before.pop("train_log rows")
     assert after == before  # task 2's files, untouched, and no temporary left behind
+    assert (record.directory / "train_log.csv").read_text().startswith(rows)  # appended to, never rewritten
     assert json.loads(record.summary_path.read_text())["tasks_completed"] == 2
     resumed = run(compose(args))
     assert resumed["status"] == "finished" and resumed["scores_sha256"] == reference["scores_sha256"]
+    assert (record.directory / "train_log.csv").read_text().count("\n") == \
+        (Run(compose([*common, f"results_dir={tmp_path / 'a'}"])).directory / "train_log.csv").read_text().count("\n")
 
 
 def test_keep_checkpoints_must_be_positive():

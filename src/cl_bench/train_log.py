@@ -88,8 +88,11 @@ class TrainLog:
         row = {"step": strategy.optimizer_steps, "task": self.task, "epoch": getattr(strategy, "epoch", None),
                "loss": loss, "lr": self.lr, "samples_per_second": self.samples / seconds,
                "tokens_per_second": None if tokens is None else (tokens - self.tokens_at_start) / seconds}
-        with open(self.path, "a", newline="") as file:
-            file.write(_csv_text([row], header=file.tell() == 0))
+        try:  # appended, so a reader sees the rows as they come; resume() drops a torn last row
+            with open(self.path, "a", newline="") as file:
+                file.write(_csv_text([row], header=file.tell() == 0))
+        except OSError as error:
+            raise OSError(error.errno, f"cannot write {self.path}: {error.strerror or error}") from error
         for logger in self.loggers:
             logger.scalars({f"train/{k}": v for k, v in row.items() if k not in ("step", "task", "epoch")},
                            row["step"])
