@@ -40,6 +40,7 @@ def run_dirs(results: Path) -> list[Path]:
     (["scenario=toy", "strategy.lr=abc"], "float"),
     (["scenario=toy", "noequals"], "key=value"),
     (["scenario=toy", "eval_batch_size=0"], "eval_batch_size must be at least 1"),  # found by fuzz_inputs.py
+    (["scenario=toy", "model.hidden=0"], "model.hidden must be >= 1"),
 ])
 def test_bad_run_arguments_give_one_line_and_exit_2(capsys, fast_args, tmp_results, overrides, expected):
     line = one_line_error(capsys, ["run", *overrides, *fast_args])

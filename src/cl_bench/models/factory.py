@@ -132,6 +132,8 @@ def mlp(input_kind: str, input_shape: tuple, *, hidden: int = 128, depth: int = 
     """A small MLP on flattened inputs; for synthetic and tiny image scenarios."""
     if input_kind == "text":
         raise UserError("model 'mlp' takes vectors or images, but this scenario gives text")
+    if hidden < 1 or depth < 0:
+        raise UserError(f"model.hidden must be >= 1 and model.depth >= 0, got {hidden} and {depth}")
     width = 1
     for size in input_shape:
         width *= size
@@ -149,6 +151,8 @@ mlp.description = "small MLP on flattened inputs (synthetic data, digits)"
 def small_cnn(input_kind: str, input_shape: tuple, *, width: int = 32, frozen: bool = False) -> Backbone:
     """Two conv-ReLU-pool blocks and global pooling; the classic from-scratch CL network."""
     _require_images("small_cnn", input_kind, input_shape)
+    if width < 1:
+        raise UserError(f"model.width must be >= 1, got {width}")
     net = nn.Sequential(
         nn.Conv2d(input_shape[0], width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
