@@ -204,11 +204,11 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
             start_task, trainable_names = resume(record, strategy, context, previous, summary,
                                                  (sums, counts, general_sums, general_counts), say, stream.tasks)
             say(f"[dim]{record.id}: resuming after task {start_task} of {T}[/dim]")
-        train_log = TrainLog(record.directory / "train_log.csv", cfg.train_log_every)
+        train_log = TrainLog(record.directory / "train_log.csv", cfg.train_log_every,
+                             open_loggers(list(cfg.loggers), record.directory, record.directory.name,
+                                          OmegaConf.to_container(cfg)))
         train_log.resume(start_task)
         context.on_step = train_log.step
-        train_log.loggers = open_loggers(list(cfg.loggers), record.directory, record.directory.name,
-                                         OmegaConf.to_container(cfg))
 
         def flush(status: str, message: str = "") -> None:
             summary.update(status=status, message=message)

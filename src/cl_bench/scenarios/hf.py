@@ -71,13 +71,6 @@ def load_splits(path: str, subset: str | None, data_files, revision: str | None)
     return loaded
 
 
-def plain(value):
-    """A config value as plain Python (the composed config holds omegaconf containers)."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-
-
 def pick_split(splits, name: str, path: str):
     if name not in splits:
         raise UserError(f"scenario.path={path!r} has no split {name!r} (it has: {', '.join(splits)})")
@@ -109,7 +102,7 @@ class HFClasses(HeldOutScenario):
         super().__init__(**split)
         if image_size < 8:
             raise UserError(f"scenario.image_size must be at least 8, got {image_size}")
-        self.path, self.subset, self.data_files, self.revision = path, subset, plain(data_files), revision
+        self.path, self.subset, self.data_files, self.revision = path, subset, data_files, revision
         self.train_split, self.test_split = train_split, test_split
         self.input_column, self.label_column, self.image_size = input_column, label_column, image_size
 
@@ -226,10 +219,10 @@ class HFInstructions(InstructionScenario):
             raise UserError(f"scenario.test_fraction must be between 0 and 1, got {test_fraction}")
         if max_new_tokens < 1:
             raise UserError(f"scenario.max_new_tokens must be at least 1, got {max_new_tokens}")
-        self.path, self.subset, self.data_files, self.revision = path, subset, plain(data_files), revision
+        self.path, self.subset, self.data_files, self.revision = path, subset, data_files, revision
         self.train_split, self.test_split, self.format = train_split, test_split, format
         self.prompt_column, self.answer_column, self.task_column = prompt_column, answer_column, task_column
-        self.task_order, self.scorer, self.max_new_tokens = plain(task_order), plain(scorer), max_new_tokens
+        self.task_order, self.scorer, self.max_new_tokens = task_order, scorer, max_new_tokens
         self.test_fraction, self.split_seed = test_fraction, split_seed
 
     def detect_format(self, columns) -> str:
