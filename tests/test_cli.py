@@ -1,5 +1,6 @@
 """The command line, called as ``main(argv)``: exit codes, one-line errors, and every command."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cl_bench.cli import main
-from cl_bench.errors import UserError
+from cl_bench.errors import UserError, check_ranges
 
 
 @pytest.fixture(autouse=True)
@@ -41,11 +42,29 @@ def run_dirs(results: Path) -> list[Path]:
     (["scenario=toy", "noequals"], "key=value"),
     (["scenario=toy", "eval_batch_size=0"], "eval_batch_size must be at least 1"),  # found by fuzz_inputs.py
     (["scenario=toy", "model.hidden=0"], "model.hidden must be >= 1"),
+    # range errors name the dotted key (fuzz_inputs.py counted ones that named only the parameter)
+    (["scenario=toy", "strategy.epochs=-1"], "strategy.epochs must be >= 0, got -1"),
+    (["scenario=toy", "strategy.lr=-0.5"], "strategy.lr must be >= 0, got -0.5"),
+    (["scenario=toy", "scenario.increment=0"], "scenario.increment must be >= 1, got 0"),
+    (["scenario=toy", "scenario.num_classes=1"], "scenario.increment=2 asks for 2 classes in the first task"),
 ])
 def test_bad_run_arguments_give_one_line_and_exit_2(capsys, fast_args, tmp_results, overrides, expected):
     line = one_line_error(capsys, ["run", *overrides, *fast_args])
     assert line.startswith("error:") and expected in line
     assert run_dirs(tmp_results) == []
+
+
+@pytest.mark.parametrize("value, rule, fits", [
+    (0, ">= 0", True), (-1e-9, ">= 0", False), (0, "> 0", False), (1, "in [0, 1]", True), (1, "in [0, 1)", False),
+    (0, "in (0, 1)", False), (0.5, "in (0, 1)", True), (float("nan"), ">= 0", False), (float("nan"), "in [0, 1]", False),
+])
+def test_check_ranges_names_the_first_setting_that_breaks_its_rule(value, rule, fits):
+    check_ranges("strategy", epochs=(1, ">= 0"))
+    if fits:
+        check_ranges("strategy", epochs=(1, ">= 0"), momentum=(value, rule))
+    else:
+        with pytest.raises(UserError, match=re.escape(f"strategy.momentum must be {rule}, got {value}")):
+            check_ranges("strategy", epochs=(1, ">= 0"), momentum=(value, rule), lr=(-1, ">= 0"))
 
 
 @pytest.mark.parametrize("argv", [[], ["frobnicate"], ["list", "nosuch"], ["show"], ["--no-such-flag"]])
@@ -154,8 +173,9 @@ TOY_LINE = "strategy=finetune scenario=toy"
     ("seeds: [0]\n", "runs"),
     ("runs: []\n", "runs"),
     ("- strategy=finetune\n", "runs"),
-    (f"runs:\n  - {TOY_LINE}\n  - strategy=finetune scenario=toy strategy.lrr=1\n", "strategy.lr"),
-    (f"runs:\n  - {TOY_LINE}\n  - strategy=nosuch scenario=toy\n", "unknown strategy"),
+    (f"runs:\n  - {TOY_LINE}\n  - strategy=finetune scenario=toy strategy.lrr=1\n", "suite.yaml, run 2: "),
+    (f"runs:\n  - {TOY_LINE}\n  - strategy=nosuch scenario=toy\n", "run 2: unknown strategy"),
+    (f"runs:\n  - {TOY_LINE}\n  - {TOY_LINE} ha\n", "run 2: expected key=value, got 'ha'"),
     (f"runs:\n  - {TOY_LINE}\n  - [strategy=er]\n", "key=value"),
     (f"seeds: [0, one]\nruns:\n  - {TOY_LINE}\n", "seeds"),
 ])

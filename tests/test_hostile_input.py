@@ -13,7 +13,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cl_bench.cli import main
+from cl_bench.cli import main, one_line
 from cl_bench.config import parse_overrides
 from cl_bench.errors import UserError
 
@@ -63,8 +63,8 @@ def tree(directory: Path) -> dict[str, str]:
 
 
 def check_outcome(code: int, err: str, counts: dict, family: str, names=()) -> None:
-    """Exit 0, or exit 2 whose last line is the only error line; counts by exit code and, for errors,
-    whether the line names one of ``names`` (the keys or files the input touched)."""
+    """Exit 0, or exit 2 whose last line is the only error line and names one of ``names`` (the keys or files
+    the input touched, as the one-line message writes them); counts by exit code and message shape."""
     counts[family] = counts.get(family, 0) + 1
     counts[f"{family}: exit {code}"] = counts.get(f"{family}: exit {code}", 0) + 1
     assert "Traceback" not in err and "internal error" not in err, err
@@ -72,9 +72,10 @@ def check_outcome(code: int, err: str, counts: dict, family: str, names=()) -> N
     if code == 2:
         lines = [line for line in err.splitlines() if line.strip()]
         assert lines and lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1, err
-        named = any(name and name in lines[-1] for name in names)
+        named = any(f"'{one_line(name)}'" in lines[-1] or (name and one_line(name) in lines[-1]) for name in names)
         shape = f"{family}: error names {'the key or file' if named else 'neither key nor file'}"
         counts[shape] = counts.get(shape, 0) + 1
+        assert named, (lines[-1], names)
 
 
 COUNTS: dict[str, int] = {}

@@ -130,7 +130,7 @@ def command_bench(args, console: Console) -> int:
 
     lines, seeds = load_suite(args.suite)
     options, overrides = sweep.split_overrides(args.overrides)
-    jobs = sweep.expand(lines, seeds, overrides)  # every line is validated before anything runs
+    jobs = sweep.expand(lines, seeds, overrides, f"suite {args.suite}")  # every line is checked before any runs
     console.print(f"[bold]{len(jobs)} runs[/bold] ({len(lines)} lines x {len(seeds)} seeds) on executor="
                   f"{options.executor}" + (f", jobs={options.jobs}" if options.executor == "local" else ""))
     return run_jobs(jobs, options, console)

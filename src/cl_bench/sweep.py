@@ -114,17 +114,21 @@ def multirun_lines(overrides: list[str]) -> list[list[str]]:
     return [list(line) for line in itertools.product(*choices)]
 
 
-def expand(lines: list[list[str]], seeds: list[int] | None, overrides: list[str]) -> list[Job]:
+def expand(lines: list[list[str]], seeds: list[int] | None, overrides: list[str], origin: str = "") -> list[Job]:
     """One job per (line, seed), composed now so a bad line fails before any run starts; results_dir is
     made absolute (workers may start elsewhere) and a configuration listed twice runs once. ``seeds=None``:
-    each line carries its own seed (or the default)."""
+    each line carries its own seed (or the default). A bad line's error starts with ``origin`` (e.g. the
+    suite file) and the line's number."""
     from cl_bench.config import compose, run_id
 
     jobs, seen = [], set()
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         for seed in [None] if seeds is None else seeds:
             seeded = line + ([] if seed is None else [f"seed={seed}"])
-            cfg = compose(seeded + overrides)
+            try:
+                cfg = compose(seeded + overrides)
+            except UserError as error:
+                raise UserError(f"{origin}, run {number}: {error}" if origin else str(error)) from None
             results_dir = Path(cfg.results_dir).resolve()
             argv = seeded + overrides + [f"results_dir={results_dir}"]
             identity = run_id(cfg)

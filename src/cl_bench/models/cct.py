@@ -15,7 +15,7 @@ from timm.layers import DropPath, Mlp
 from timm.models.vision_transformer import Attention
 from torch import nn
 
-from cl_bench.errors import UserError
+from cl_bench.errors import UserError, check_ranges
 from cl_bench.models.backbone import Backbone, ImageBackbone
 
 
@@ -111,9 +111,10 @@ def cct(input_kind: str, input_shape: tuple, *, image_size: int = 32, embed_dim:
     model, 3.2 M parameters). ``mean``/``std`` default to 0.5 per channel."""
     if input_kind != "image" or len(input_shape) != 3:
         raise UserError(f"model 'cct' takes images, but this scenario gives {input_kind} inputs")
-    if embed_dim % num_heads or conv_layers < 1 or conv_kernel < 1:
-        raise UserError(f"model 'cct' needs embed_dim divisible by num_heads and conv_layers, conv_kernel >= 1 "
-                        f"(got {embed_dim}, {num_heads}, {conv_layers}, {conv_kernel})")
+    check_ranges("model", num_heads=(num_heads, ">= 1"), conv_layers=(conv_layers, ">= 1"),
+                 conv_kernel=(conv_kernel, ">= 1"))
+    if embed_dim % num_heads:
+        raise UserError(f"model.embed_dim must be divisible by model.num_heads, got {embed_dim} and {num_heads}")
     in_chans = input_shape[0]
     mean, std = list(mean or [0.5] * in_chans), list(std or [0.5] * in_chans)
     if len(mean) != in_chans or len(std) != in_chans:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cl_bench.errors import OFFLINE_HINT, UserError
+from cl_bench.errors import OFFLINE_HINT, UserError, check_ranges
 from cl_bench.models.backbone import Backbone, ImageBackbone, TextBackbone, VectorBackbone
 from cl_bench.registry import MODELS
 
@@ -132,8 +132,7 @@ def mlp(input_kind: str, input_shape: tuple, *, hidden: int = 128, depth: int = 
     """A small MLP on flattened inputs; for synthetic and tiny image scenarios."""
     if input_kind == "text":
         raise UserError("model 'mlp' takes vectors or images, but this scenario gives text")
-    if hidden < 1 or depth < 0:
-        raise UserError(f"model.hidden must be >= 1 and model.depth >= 0, got {hidden} and {depth}")
+    check_ranges("model", hidden=(hidden, ">= 1"), depth=(depth, ">= 0"))
     width = 1
     for size in input_shape:
         width *= size

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from cl_bench.errors import UserError
+from cl_bench.errors import UserError, check_ranges
 
 
 @dataclass(frozen=True)
@@ -172,11 +172,11 @@ def split_sizes(num_classes: int, init: int, increment: int, remainder: str) -> 
     """
     if remainder not in ("error", "last_task", "extra_task"):
         raise UserError(f"scenario.remainder must be error, last_task or extra_task, got {remainder!r}")
-    if increment < 1 or init < 0:
-        raise UserError(f"split needs increment >= 1 and init >= 0, got init={init} increment={increment}")
+    check_ranges("scenario", increment=(increment, ">= 1"), init=(init, ">= 0"))
     first = init or increment
     if first > num_classes:
-        raise UserError(f"the first task needs {first} classes but the data has {num_classes}")
+        raise UserError(f"scenario.{'init' if init else 'increment'}={first} asks for {first} classes in the first "
+                        f"task, but the data has {num_classes}")
     sizes = [first]
     rest = num_classes - first
     sizes += [increment] * (rest // increment)

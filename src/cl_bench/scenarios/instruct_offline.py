@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cl_bench.errors import UserError
+from cl_bench.errors import UserError, check_ranges
 from cl_bench.scenarios._scenario import InstructionScenario
 from cl_bench.scenarios.base import Examples, Task
 from cl_bench.scenarios.chatterbot import PACKAGE
@@ -102,8 +102,7 @@ class InstructOffline(InstructionScenario):
         if sorted(order) != sorted(set(order)) or set(order) - set(self.task_names) or not order:
             raise UserError(f"scenario.order must list distinct tasks out of {', '.join(self.task_names)}, "
                             f"got {order}")
-        if test_per_task < 1 or general_size < 1:
-            raise UserError("scenario.test_per_task and scenario.general_size must be >= 1")
+        check_ranges("scenario", test_per_task=(test_per_task, ">= 1"), general_size=(general_size, ">= 1"))
         self.root, self.order = root, order
         self.test_per_task, self.general_size = test_per_task, general_size
         self.split_seed, self.data_seed = split_seed, data_seed

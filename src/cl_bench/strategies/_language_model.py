@@ -18,7 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
-from cl_bench.errors import UserError
+from cl_bench.errors import UserError, check_ranges
 from cl_bench.models.lm import IGNORE_INDEX, LanguageModel
 from cl_bench.scenarios.base import Examples, Task
 from cl_bench.strategies.base import Context, Strategy
@@ -41,9 +41,8 @@ class LanguageModelStrategy(Strategy):
         if not isinstance(backbone, LanguageModel):
             raise UserError(f"strategy {type(self).__name__} needs a language model (e.g. model=smollm2_135m), "
                             f"got {type(backbone).__name__}")
-        if epochs < 0 or batch_size < 1 or lr < 0 or generation_batch_size < 1 or grad_accum < 1:
-            raise UserError(f"need epochs >= 0, batch_size >= 1, generation_batch_size >= 1, grad_accum >= 1 and "
-                            f"lr >= 0 (got {epochs}, {batch_size}, {generation_batch_size}, {grad_accum}, {lr})")
+        check_ranges("strategy", epochs=(epochs, ">= 0"), batch_size=(batch_size, ">= 1"), lr=(lr, ">= 0"),
+                     generation_batch_size=(generation_batch_size, ">= 1"), grad_accum=(grad_accum, ">= 1"))
         if bf16 and context.device.type != "cuda":
             raise UserError("strategy.bf16=true is for GPU runs; on the CPU keep float32")
         self.epochs, self.batch_size, self.lr, self.grad_accum = epochs, batch_size, lr, grad_accum

@@ -93,7 +93,7 @@ from avalanche.training.plugins import EvaluationPlugin
 from torch import nn
 
 from cl_bench.avalanche_interop import benchmark_of
-from cl_bench.errors import UserError
+from cl_bench.errors import UserError, check_ranges
 from cl_bench.models.backbone import Backbone, TextBackbone
 from cl_bench.scenarios.base import Task
 from cl_bench.strategies import _avalanche_state
@@ -267,9 +267,8 @@ class AvalancheStrategy(Strategy):
         super().__init__(backbone, context)
         name = f"avalanche.{self.avalanche_name}"
         self.epochs, self.batch_size, self.lr = settings["epochs"], settings["batch_size"], settings["lr"]
-        if self.epochs < 0 or self.batch_size < 1 or self.lr < 0:
-            raise UserError(f"{name}: need epochs >= 0, batch_size >= 1 and lr >= 0 "
-                            f"(got {self.epochs}, {self.batch_size}, {self.lr})")
+        check_ranges("strategy", epochs=(self.epochs, ">= 0"), batch_size=(self.batch_size, ">= 1"),
+                     lr=(self.lr, ">= 0"))
         if not self.own_optimizer and settings["optimizer"] not in OPTIMIZERS:
             raise UserError(f"{name}: strategy.optimizer must be one of {', '.join(OPTIMIZERS)}, "
                             f"got '{settings['optimizer']}'")

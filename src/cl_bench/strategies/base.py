@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_bench.errors import UserError
+from cl_bench.errors import UserError, check_ranges
 from cl_bench.models.backbone import Backbone
 from cl_bench.scenarios.base import Examples, Samples, Task
 from cl_bench.strategies._helpers import IncrementalLinear
@@ -243,8 +243,7 @@ class ClassifierStrategy(Strategy):
         super().__init__(backbone, context)
         if optimizer not in OPTIMIZERS:
             raise UserError(f"strategy.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{optimizer}'")
-        if epochs < 0 or batch_size < 1 or lr < 0:
-            raise UserError(f"need epochs >= 0, batch_size >= 1 and lr >= 0 (got {epochs}, {batch_size}, {lr})")
+        check_ranges("strategy", epochs=(epochs, ">= 0"), batch_size=(batch_size, ">= 1"), lr=(lr, ">= 0"))
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.optimizer_name, self.momentum, self.weight_decay = optimizer, momentum, weight_decay
         self.head = IncrementalLinear(backbone.out_dim)

@@ -80,7 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_bench.errors import UserError
+from cl_bench.errors import UserError, check_ranges
 from cl_bench.models.lm import IGNORE_INDEX, token_limits
 from cl_bench.scenarios.base import Examples, Task
 from cl_bench.strategies._helpers import IncrementalLinear
@@ -126,8 +126,8 @@ class _ConPET(LanguageModelStrategy):
             raise UserError(f"strategy.memory must be one of {', '.join(MEMORIES)}, got '{memory}'")
         if memory == "random_exemplars" and memory_per_task < 1:
             raise UserError(f"strategy.memory_per_task must be >= 1, got {memory_per_task}")
-        if late_lr < 0 or adam_eps <= 0 or weight_decay < 0 or grad_clip < 0:
-            raise UserError("strategy.late_lr, weight_decay and grad_clip must be >= 0 and adam_eps > 0")
+        check_ranges("strategy", late_lr=(late_lr, ">= 0"), adam_eps=(adam_eps, "> 0"),
+                     weight_decay=(weight_decay, ">= 0"), grad_clip=(grad_clip, ">= 0"))
         if late_lr and late_lr_from < 1:
             raise UserError(f"strategy.late_lr needs strategy.late_lr_from >= 1 (the first task using it), "
                             f"got {late_lr_from}")

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_bench.errors import UserError
+from cl_bench.errors import UserError, check_ranges
 from cl_bench.models.cct import SequencePool
 from cl_bench.strategies.base import Strategy
 
@@ -253,9 +253,8 @@ class ConTraCon(Strategy):
                  label_smoothing: float = 0.1, kernel_size: int = 15, views: str = "autoaugment",
                  train_augment: str = "none"):
         super().__init__(backbone, context)
-        if epochs < 0 or batch_size < 1 or min(lr, head_lr, min_lr, weight_decay) < 0:
-            raise UserError(f"need epochs >= 0, batch_size >= 1 and non-negative rates "
-                            f"(got {epochs}, {batch_size}, lr {lr}, head_lr {head_lr}, min_lr {min_lr})")
+        check_ranges("strategy", epochs=(epochs, ">= 0"), batch_size=(batch_size, ">= 1"), lr=(lr, ">= 0"),
+                     head_lr=(head_lr, ">= 0"), min_lr=(min_lr, ">= 0"), weight_decay=(weight_decay, ">= 0"))
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise UserError(f"strategy.kernel_size must be odd and >= 1 (got {kernel_size})")
         if views not in VIEW_KINDS:

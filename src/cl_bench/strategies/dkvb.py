@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_bench.errors import UserError
+from cl_bench.errors import UserError, check_ranges
 from cl_bench.strategies.base import Strategy
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
@@ -95,9 +95,9 @@ class DKVB(Strategy):
                  lr: float = 0.3, optimizer: str = "sgd", label_smoothing: float = 0.1, grad_clip: float = 1.0):
         super().__init__(backbone, context)
         C, M, k, D = num_codebooks, keys_per_codebook, key_dim, backbone.out_dim
-        if min(C, M, k, top_k, batch_size, key_init_samples) < 1 or epochs < 0 or key_init_epochs < 1:
-            raise UserError("strategy.num_codebooks, keys_per_codebook, key_dim, top_k, batch_size, key_init_samples "
-                            "and key_init_epochs must be >= 1 and epochs >= 0")
+        check_ranges("strategy", num_codebooks=(C, ">= 1"), keys_per_codebook=(M, ">= 1"), key_dim=(k, ">= 1"),
+                     top_k=(top_k, ">= 1"), batch_size=(batch_size, ">= 1"), key_init_samples=(key_init_samples, ">= 1"),
+                     epochs=(epochs, ">= 0"), key_init_epochs=(key_init_epochs, ">= 1"))
         if top_k > M:
             raise UserError(f"strategy.top_k ({top_k}) exceeds keys_per_codebook ({M})")
         if splitter not in SPLITTERS:

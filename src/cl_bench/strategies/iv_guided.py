@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_bench.errors import UserError
+from cl_bench.errors import UserError, check_ranges
 from cl_bench.models.lm import IGNORE_INDEX
 from cl_bench.scenarios.base import Task
 from cl_bench.strategies._language_model import LanguageModelStrategy, add_lora
@@ -121,18 +121,15 @@ class IVGuided(LanguageModelStrategy):
                  vector_scale: str = "none", head_selection: str = "aie", aie_trials: int = 16,
                  aie_shots: int = 4, **kwargs):
         super().__init__(backbone, context, **kwargs)
-        if min(kl_alpha1, kl_alpha2, pr_alpha) < 0 or temperature <= 0 or n_trials < 1 or top_heads < 1:
-            raise UserError(f"need kl_alpha1, kl_alpha2, pr_alpha >= 0, temperature > 0, n_trials >= 1 and "
-                            f"top_heads >= 1 (got {kl_alpha1}, {kl_alpha2}, {pr_alpha}, {temperature}, "
-                            f"{n_trials}, {top_heads})")
+        check_ranges("strategy", kl_alpha1=(kl_alpha1, ">= 0"), kl_alpha2=(kl_alpha2, ">= 0"),
+                     pr_alpha=(pr_alpha, ">= 0"), temperature=(temperature, "> 0"), n_trials=(n_trials, ">= 1"),
+                     top_heads=(top_heads, ">= 1"), aie_trials=(aie_trials, ">= 1"), aie_shots=(aie_shots, ">= 0"))
         if vector_scale not in self.vector_scales:
             raise UserError(f"strategy.vector_scale must be one of {', '.join(self.vector_scales)}, "
                             f"got '{vector_scale}'")
         if head_selection not in self.head_selections:
             raise UserError(f"strategy.head_selection must be one of {', '.join(self.head_selections)}, "
                             f"got '{head_selection}'")
-        if aie_trials < 1 or aie_shots < 0:
-            raise UserError(f"need aie_trials >= 1 and aie_shots >= 0 (got {aie_trials}, {aie_shots})")
         self.vector_scale, self.head_selection = vector_scale, head_selection
         self.aie_trials, self.aie_shots = aie_trials, aie_shots
         self.kl_alpha1, self.kl_alpha2, self.pr_alpha = kl_alpha1, kl_alpha2, pr_alpha

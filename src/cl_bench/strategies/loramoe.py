@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_bench.errors import UserError
+from cl_bench.errors import UserError, check_ranges
 from cl_bench.scenarios.base import Examples, Task
 from cl_bench.strategies._language_model import LanguageModelStrategy
 
@@ -160,9 +160,8 @@ class LoRAMoE(LanguageModelStrategy):
         if num_experts < 2 or num_experts % 2:
             raise UserError(f"strategy.num_experts must be even and >= 2 (two groups of N/2 experts), "
                             f"got {num_experts}")
-        if lora_r < 1 or not 0 <= lora_dropout < 1 or not 0 <= blc_alpha < 1 or blc_weight < 0:
-            raise UserError(f"need lora_r >= 1, 0 <= lora_dropout < 1, 0 <= blc_alpha < 1 and blc_weight >= 0 "
-                            f"(got {lora_r}, {lora_dropout}, {blc_alpha}, {blc_weight})")
+        check_ranges("strategy", lora_r=(lora_r, ">= 1"), lora_dropout=(lora_dropout, "in [0, 1)"),
+                     blc_alpha=(blc_alpha, "in [0, 1)"), blc_weight=(blc_weight, ">= 0"))
         if lbc_form not in LBC_FORMS:
             raise UserError(f"strategy.lbc_form must be one of {', '.join(LBC_FORMS)}, got '{lbc_form}'")
         if task_type_rule not in TASK_TYPE_RULES:

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_bench.errors import UserError
+from cl_bench.errors import UserError, check_ranges
 from cl_bench.models.adapters import adapter_set, inject_parallel_adapters
 from cl_bench.models.backbone import ImageBackbone
 from cl_bench.strategies.base import OPTIMIZERS, ClassifierStrategy
@@ -139,8 +139,8 @@ class MOS(ClassifierStrategy):
             raise UserError(f"strategy.adapter_merge must be paper or legacy, got '{adapter_merge}'")
         if ca_statistics not in ("covariance", "variance"):
             raise UserError(f"strategy.ca_statistics must be covariance or variance, got '{ca_statistics}'")
-        if bottleneck < 1 or max_iter < 1 or crct_epochs < 0 or not 0 <= adapter_momentum <= 1:
-            raise UserError("MOS needs bottleneck >= 1, max_iter >= 1, crct_epochs >= 0, 0 <= adapter_momentum <= 1")
+        check_ranges("strategy", bottleneck=(bottleneck, ">= 1"), max_iter=(max_iter, ">= 1"),
+                     crct_epochs=(crct_epochs, ">= 0"), adapter_momentum=(adapter_momentum, "in [0, 1]"))
         if not normalize_inputs and not isinstance(backbone, ImageBackbone):
             raise UserError("strategy.normalize_inputs=false only applies to image backbones")
         self.head_lr_scale, self.min_lr, self.adapter_momentum = head_lr_scale, min_lr, adapter_momentum
