@@ -159,3 +159,23 @@ def test_missing_data_writes_nothing(tmp_path):
         run(compose(["scenario=fmnist", f"scenario.root={tmp_path}", "model=mlp", "progress=false",
                      f"results_dir={tmp_path}/results"]))
     assert not (tmp_path / "results").exists()
+
+
+def test_compiled_backbone_trains_to_the_same_scores(tmp_path):
+    """strategy.compile=true compiles the backbone in place (torch.compile): same parameter names, hence
+    checkpoints, and the same scores up to float rounding in the fused kernels."""
+    plain = run(toy_config(tmp_path / "plain"))
+    compiled_cfg = toy_config(tmp_path / "compiled", "strategy.compile=true")
+    compiled = run(compiled_cfg)
+    assert compiled["config_hash"] != plain["config_hash"]  # a protocol switch, recorded in the run id
+    scores = [p["score"] for p in compiled["per_task"]]
+    assert np.allclose(scores, [p["score"] for p in plain["per_task"]], atol=2.0), scores
+    state = torch.load(Run(compiled_cfg).checkpoint_path, weights_only=True)["strategy"]
+    assert not any("_orig_mod" in name for name in state)
+
+
+def test_bf16_is_refused_on_the_cpu(tmp_path):
+    from cl_bench.errors import UserError
+
+    with pytest.raises(UserError, match="strategy.bf16=true is for GPU runs"):
+        run(toy_config(tmp_path, "strategy.bf16=true", "device=cpu"))

@@ -11,14 +11,13 @@ import json
 import math
 import sys
 import unicodedata
-from functools import partial
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cl_bench.errors import UserError
+from cl_bench.errors import PeerLost, UserError
 
 GROUP_NAMES = {"strategies": "strategy", "scenarios": "scenario", "models": "model"}
 
@@ -63,6 +62,7 @@ def make_parser() -> Parser:
 
 
 def command_run(args, console: Console) -> int:
+    from cl_bench import distributed
     from cl_bench.config import compose
     from cl_bench.runner import run
 
@@ -82,14 +82,26 @@ def command_run(args, console: Console) -> int:
         from omegaconf import OmegaConf
         print(OmegaConf.to_yaml(compose(args.overrides)), end="")
         return 0
-    say = partial(console.print, highlight=False, soft_wrap=True)  # the backbone chosen for the user, and why
+    notes: list[str] = []  # the backbone chosen for the user, and why
     try:
-        cfg = compose(args.overrides, say=say)
+        cfg = compose(args.overrides, say=notes.append)
     except UserError as error:
         from cl_bench import sweep
         if len(sweep.multirun_lines(args.overrides)) > 1:
             raise UserError(f"{error} (to run every value of a comma list, use cl-bench run -m)") from None
         raise
+    if cfg.nproc > 1 and distributed.launched_world() == 1:
+        from cl_bench.registry import STRATEGIES
+        strategy_class = STRATEGIES.get(cfg.strategy.type)
+        if not strategy_class.data_parallel:
+            raise UserError(f"strategy '{cfg.strategy.name}' does not run data-parallel "
+                            f"({strategy_class.no_data_parallel}); run it with nproc=1")
+        return distributed.launch(args.overrides, cfg.nproc)  # its rank 0 prints what a single run prints
+    if distributed.launched_rank() != 0:  # a data-parallel rank other than 0: rank 0 speaks for the run
+        run(cfg)
+        return 0
+    for note in notes:
+        console.print(note, highlight=False, soft_wrap=True)
     summary = run(cfg, console=console)
     print_metrics(summary, Console())
     return 0
@@ -296,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         console.print("interrupted; rerun the same command to resume")
         return 130
+    except PeerLost:  # a data-parallel rank whose peer failed: the launcher reports the peer's error
+        if debug:
+            raise
+        from cl_bench.distributed import PEER_LOST
+        return PEER_LOST
     except Exception as error:  # a run that failed (non-finite loss) or a bug: one line, no traceback
         if debug:
             raise

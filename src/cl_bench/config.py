@@ -44,6 +44,7 @@ BASE = {
     "resume": True,  # a finished run is skipped, an interrupted one resumes; false starts it again
     "keep_checkpoints": 1,  # checkpoints kept per run (newest first); more survive a damaged newest one
     "progress": True,  # the live progress bar
+    "nproc": 1,  # data-parallel processes for this one run (language-model strategies; see cl_bench.distributed)
     "plugins": [],  # modules imported first, so their strategies, scenarios and models register
     "cache_dir": str(Path.home() / ".cache" / "cl_bench"),  # frozen-backbone features and converted weights
     # a training budget per task every strategy honours (set at most one; see strategies.base.Budget)
@@ -55,7 +56,7 @@ BASE = {
 }
 # Keys that say where or how a run executes, not what it computes: left out of the config hashes.
 NOT_HASHED = ("results_dir", "resume", "progress", "plugins", "cache_dir", "device", "keep_checkpoints",
-              "train_log_every", "loggers")
+              "train_log_every", "loggers", "nproc")
 CHOICES = {"eval_mode": ("cil", "til"), "device": None}
 # Keys added after runs were first published: hashed only when they differ from these defaults, so
 # the run ids of configurations that do not use them stay what they were.
@@ -277,6 +278,8 @@ def compose(argv: list[str] | tuple[str, ...] = (), say: Callable[[str], None] |
         raise UserError(f"keep_checkpoints must be at least 1, got {config['keep_checkpoints']}")
     if config["eval_batch_size"] < 1:
         raise UserError(f"eval_batch_size must be at least 1, got {config['eval_batch_size']}")
+    if config["nproc"] < 1:
+        raise UserError(f"nproc must be at least 1, got {config['nproc']}")
     if config["train_log_every"] < 1:
         raise UserError(f"train_log_every must be at least 1, got {config['train_log_every']}")
     config["loggers"] = check_loggers(config["loggers"])

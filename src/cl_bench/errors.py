@@ -1,5 +1,5 @@
-"""The one exception type the CLI turns into a one-line message and exit code 2, and the range check that
-names the offending setting by its dotted key."""
+"""The one exception type the CLI turns into a one-line message and exit code 2, the range check that
+names the offending setting by its dotted key, and the quiet exit of a rank whose peer went away."""
 import math
 import operator
 import re
@@ -13,6 +13,10 @@ INTERVAL = re.compile(r"in ([\[(])(\S+), (\S+)([\])])")
 
 class UserError(Exception):
     """Bad input from the user (config, data, files): reported in one line, no traceback."""
+
+
+class PeerLost(RuntimeError):
+    """Another rank of a data-parallel run went away during a collective; the launcher reports why."""
 
 
 def satisfies(value: float, rule: str) -> bool:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cl_bench import metrics, outside_data, protocol
+from cl_bench import distributed, metrics, outside_data, protocol
 from cl_bench._io import atomic_write_text, atomic_torch_save, provenance
 from cl_bench.config import config_hash, run_id
 from cl_bench.errors import UserError
@@ -71,6 +71,9 @@ def build_strategy(cfg: DictConfig, stream: Stream, context: Context, progress) 
     if context.budget is not None and not strategy_class.honours_budget:
         raise UserError(f"strategy '{cfg.strategy.name}' cannot honour budget ({context.budget}): "
                         f"{strategy_class.no_budget}")
+    if distributed.world_size() > 1 and not strategy_class.data_parallel:
+        raise UserError(f"strategy '{cfg.strategy.name}' does not run data-parallel ({strategy_class.no_data_parallel}); "
+                        f"run it with nproc=1")
     if cfg.eval_mode == "cil" and strategy_class.needs_task_at_test:
         raise UserError(f"strategy '{cfg.strategy.name}' needs the task identity at test time; run it with "
                         f"eval_mode=til")
@@ -153,37 +156,49 @@ class Run:
 
 def run(cfg: DictConfig, *, console=None, wait_for_lock: bool = False) -> dict:
     """Train and score one configuration; returns its summary (also written to summary.json). Holds the
-    run's lock throughout: when another process has it, RunBusy (or, with ``wait_for_lock``, wait)."""
-    with run_lock(cfg.results_dir, run_id(cfg), wait=wait_for_lock):
-        return _run_locked(cfg, console=console)
+    run's lock throughout: when another process has it, RunBusy (or, with ``wait_for_lock``, wait).
+    As one rank of a data-parallel run (``distributed``), only rank 0 takes the lock and writes."""
+    if cfg.nproc > 1 and distributed.launched_world() == 1:
+        raise UserError(f"nproc={cfg.nproc} starts its processes from `cl-bench run`; bench and run -m run each "
+                        f"configuration in one process (or start cl-bench run under torchrun)")
+    device = distributed.start(resolve_device(cfg.device)) if distributed.launched_world() > 1 else None
+    try:
+        if not distributed.is_writer():
+            return _run_locked(cfg, device)
+        with run_lock(cfg.results_dir, run_id(cfg), wait=wait_for_lock):
+            return _run_locked(cfg, device, console=console)
+    finally:
+        distributed.stop()
 
 
-def _run_locked(cfg: DictConfig, *, console=None) -> dict:
+def _run_locked(cfg: DictConfig, device: torch.device | None, *, console=None) -> dict:
     from cl_bench.progress import Progress
 
     say = console.print if console is not None else (lambda *a, **k: None)
+    writer = distributed.is_writer()
     record = Run(cfg)
     previous = record.previous()
     if previous and cfg.resume and previous.get("status") == "finished":
         say(f"[dim]{record.id}: already finished, skipped[/dim]")
         return {**previous, "skipped": True}  # not written: tells the caller that this call trained nothing
-    device = resolve_device(cfg.device)
+    device = device or resolve_device(cfg.device)
     seed_everything(cfg.seed)
     budget = {k: v for k, v in cfg.budget.items() if v is not None}
     context = Context(device=device, generator=torch.Generator().manual_seed(cfg.seed),
                       budget=Budget(**budget) if budget else None)
     memory = protocol.PeakMemory(device)
-    progress_bar = Progress(enabled=cfg.progress, console=console)
+    progress_bar = Progress(enabled=cfg.progress and writer, console=console)
     context.progress = progress_bar.track
     with progress_bar:
         stream = build_stream(cfg)  # missing data or a bad setting fails here, before anything is written
         strategy, stream, info = build_strategy(cfg, stream, context, progress_bar.track)
         # checkpoints store only the tensors that differ from these
         initial = tensor_digests(strategy.state_dict()) if strategy.resumable else {}
-        if not cfg.resume:
-            record.fresh_directory()
-        record.directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(record.directory / "config.yaml", OmegaConf.to_yaml(cfg))
+        if writer:
+            if not cfg.resume:
+                record.fresh_directory()
+            record.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(record.directory / "config.yaml", OmegaConf.to_yaml(cfg))
         T, G = len(stream), len(stream.general)
         sums, counts = np.full((T + 1, T), np.nan), np.full((T + 1, T), np.nan)
         general_sums, general_counts = np.full((T + 1, G), np.nan), np.full((T + 1, G), np.nan)
@@ -195,7 +210,8 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
             "config_hash": config_hash(cfg), "group_hash": config_hash(cfg, with_seed=False),
             "setting_hash": config_hash(cfg, with_seed=True, with_strategy=False),
             "tasks_total": T, "tasks_completed": 0, "per_task": [], "metrics": {}, "cost": {},
-            "provenance": {**provenance(), "device": str(device), "stream": stream.provenance},
+            "provenance": {**provenance(), "device": str(device), "nproc": distributed.world_size(),
+                           "stream": stream.provenance},
         }
         start_task, trainable_names = 0, set()
         if cfg.resume and previous and not strategy.resumable:
@@ -204,9 +220,9 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
             start_task, trainable_names = resume(record, strategy, context, previous, summary,
                                                  (sums, counts, general_sums, general_counts), say, stream.tasks)
             say(f"[dim]{record.id}: resuming after task {start_task} of {T}[/dim]")
-        train_log = TrainLog(record.directory / "train_log.csv", cfg.train_log_every,
-                             open_loggers(list(cfg.loggers), record.directory, record.directory.name,
-                                          OmegaConf.to_container(cfg)))
+        train_log = TrainLog(record.directory / "train_log.csv" if writer else None, cfg.train_log_every,
+                             open_loggers(list(cfg.loggers) if writer else [], record.directory,
+                                          record.directory.name, OmegaConf.to_container(cfg)))
         train_log.resume(start_task)
         context.on_step = train_log.step
 
@@ -225,8 +241,9 @@ def _run_locked(cfg: DictConfig, *, console=None) -> dict:
             summary["protocol"] = protocol.card(cfg, stream, strategy, summary["per_task"], info, memory)
             summary["cost"] = costs(summary, strategy, trainable_names, info)
             summary["provenance"]["finished_at" if status == "finished" else "updated_at"] = time.time()
-            summary["scores_sha256"] = record.write_scores(sums, counts)
-            atomic_write_text(record.summary_path, json.dumps(summary, indent=1, default=str))
+            if writer:
+                summary["scores_sha256"] = record.write_scores(sums, counts)
+                atomic_write_text(record.summary_path, json.dumps(summary, indent=1, default=str))
 
         scoring = dict(eval_mode=cfg.eval_mode, batch_size=cfg.eval_batch_size, seed=cfg.seed)
         try:
@@ -377,10 +394,14 @@ def save_checkpoint(record: Run, strategy, context, matrices, completed: int, tr
     entry: every strategy builds a fresh one at the start of each task (``learn``), so none lives across
     a task boundary (tests/test_crash_safety.py checks that resuming reproduces the matrix bit for bit)."""
     sums, counts, general_sums, general_counts = matrices
+    rng_by_rank = distributed.gather(rng_states())  # each rank's own dropout stream, for a data-parallel resume
+    if not distributed.is_writer():
+        return
     changed = changed_state(strategy, initial)
     atomic_torch_save(record.checkpoint_file(completed), {
         "tasks_completed": completed, "strategy": changed, "unchanged": sorted(set(initial) - set(changed)),
-        "generator": context.generator.get_state(), "rng": rng_states(),
+        "generator": context.generator.get_state(), "rng": rng_by_rank[0],
+        **({"rng_by_rank": rng_by_rank} if len(rng_by_rank) > 1 else {}),
         "sums": torch.from_numpy(sums), "counts": torch.from_numpy(counts),
         "general_sums": torch.from_numpy(general_sums), "general_counts": torch.from_numpy(general_counts),
         "trainable_names": sorted(trainable_names),
@@ -461,7 +482,9 @@ def resume(record: Run, strategy, context, previous: dict, summary: dict, matric
         raise refuse(error) from None
     try:
         context.generator.set_state(state["generator"])
-        set_rng_states(state["rng"])
+        by_rank = state.get("rng_by_rank")  # written by a data-parallel run; another nproc takes rank 0's
+        same_world = isinstance(by_rank, list) and len(by_rank) == distributed.world_size()
+        set_rng_states(by_rank[distributed.rank()] if same_world else state["rng"])
     except (RuntimeError, TypeError, ValueError, KeyError, IndexError) as error:
         raise UserError(f"checkpoint {record.checkpoint_file(completed)}: its random-generator states are "
                         f"damaged ({type(error).__name__}); rerun with resume=false to start fresh") from None

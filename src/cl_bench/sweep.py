@@ -129,6 +129,9 @@ def expand(lines: list[list[str]], seeds: list[int] | None, overrides: list[str]
                 cfg = compose(seeded + overrides)
             except UserError as error:
                 raise UserError(f"{origin}, run {number}: {error}" if origin else str(error)) from None
+            if cfg.nproc > 1:
+                raise UserError(f"{origin + ', ' if origin else ''}run {number}: nproc={cfg.nproc} starts its processes "
+                                f"from `cl-bench run`; a sweep runs each configuration in one process")
             results_dir = Path(cfg.results_dir).resolve()
             argv = seeded + overrides + [f"results_dir={results_dir}"]
             identity = run_id(cfg)

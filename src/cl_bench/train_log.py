@@ -36,9 +36,10 @@ LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "ml
 
 
 class TrainLog:
-    """Accumulates the steps between rows and writes them to ``train_log.csv`` and the loggers."""
+    """Accumulates the steps between rows and writes them to ``train_log.csv`` (none when ``path`` is None:
+    a data-parallel rank other than 0) and the loggers."""
 
-    def __init__(self, path: Path, every: int, loggers: list | None = None):
+    def __init__(self, path: Path | None, every: int, loggers: list | None = None):
         self.path, self.every, self.loggers = path, every, loggers or []
         self.task, self.lr = 0, None
         self._reset(time.perf_counter(), 0)
@@ -49,7 +50,7 @@ class TrainLog:
 
     def resume(self, tasks_completed: int) -> None:
         """Keep the rows of the tasks a resumed run will not train again."""
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return
         try:
             rows = list(csv.DictReader(io.StringIO(self.path.read_text(errors="replace"))))
@@ -89,8 +90,9 @@ class TrainLog:
                "loss": loss, "lr": self.lr, "samples_per_second": self.samples / seconds,
                "tokens_per_second": None if tokens is None else (tokens - self.tokens_at_start) / seconds}
         try:  # appended, so a reader sees the rows as they come; resume() drops a torn last row
-            with open(self.path, "a", newline="") as file:
-                file.write(_csv_text([row], header=file.tell() == 0))
+            if self.path is not None:
+                with open(self.path, "a", newline="") as file:
+                    file.write(_csv_text([row], header=file.tell() == 0))
         except OSError as error:
             raise OSError(error.errno, f"cannot write {self.path}: {error.strerror or error}") from error
         for logger in self.loggers:

@@ -18,6 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
+from cl_bench import distributed
 from cl_bench.errors import UserError, check_ranges
 from cl_bench.models.lm import IGNORE_INDEX, LanguageModel
 from cl_bench.scenarios.base import Examples, Task
@@ -31,6 +32,7 @@ class LanguageModelStrategy(Strategy):
     unless a subclass freezes it."""
 
     stream_kinds = ("instructions",)
+    data_parallel = True
     smoke_args = ("scenario=instruct_toy", "model=tiny_llama", "strategy.lr=0.01", "strategy.batch_size=4")
 
     def __init__(self, backbone: LanguageModel, context: Context, *, epochs: int = 1, batch_size: int = 8,
@@ -46,7 +48,7 @@ class LanguageModelStrategy(Strategy):
         if bf16 and context.device.type != "cuda":
             raise UserError("strategy.bf16=true is for GPU runs; on the CPU keep float32")
         self.epochs, self.batch_size, self.lr, self.grad_accum = epochs, batch_size, lr, grad_accum
-        self._encoded: dict[int, dict] = {}  # micro-batch id -> its encoding, while a step accumulates
+        self._encoded: dict[int, tuple] = {}  # id(batch) -> (batch, its encoding) until the step ends
         self.weight_decay, self.grad_clip = weight_decay, grad_clip
         self.generation_batch_size, self.bf16 = generation_batch_size, bf16
         if gradient_checkpointing:
@@ -92,9 +94,13 @@ class LanguageModelStrategy(Strategy):
             yield examples.select(batches[index])
 
     def encode(self, batch: Examples) -> dict[str, torch.Tensor]:
-        cached = self._encoded.get(id(batch))
-        return cached if cached is not None else self.backbone.training_batch(batch.prompts, batch.answers,
-                                                                               self.device)
+        """The batch's training encoding, tokenised once per step: kept (with the batch, so its id stays
+        unique) until ``count_step`` ends the step."""
+        kept = self._encoded.get(id(batch))
+        if kept is None:
+            kept = self._encoded[id(batch)] = (batch, self.backbone.training_batch(batch.prompts, batch.answers,
+                                                                                   self.device))
+        return kept[1]
 
     def lm_loss(self, encoded: dict[str, torch.Tensor], **forward) -> torch.Tensor:
         with self.autocast():
@@ -123,48 +129,58 @@ class LanguageModelStrategy(Strategy):
                 if self.budget_spent():
                     break
                 optimizer.zero_grad(set_to_none=True)
-                loss = self.accumulate(batch, task, description)
+                loss, tokens = self.accumulate(batch, task, description)
                 if self.grad_clip:
                     torch.nn.utils.clip_grad_norm_(trainable, self.grad_clip)
                 optimizer.step()
                 self.after_optimizer_step()
-                self.tokens_trained += self.count_tokens(batch)
+                self.tokens_trained += tokens
                 self.count_step(len(batch), loss, optimizer)
 
-    def accumulate(self, batch: Examples, task: Task, description: str) -> torch.Tensor:
-        """Forward and backward of one step's batch (in ``grad_accum`` micro-batches); the batch's loss."""
-        if self.grad_accum == 1:
+    def accumulate(self, batch: Examples, task: Task, description: str) -> tuple[torch.Tensor, int]:
+        """Forward and backward of one step's batch (in ``grad_accum`` micro-batches; under ``nproc=K``, of
+        this rank's share, gradients then summed over ranks): the batch's loss and its token count."""
+        if self.grad_accum == 1 and distributed.world_size() == 1:
             loss = self.loss(batch, task)
             self.check_finite(loss, description)
             loss.backward()
-            return loss.detach()
-        micro = [batch.select(range(start, min(start + self.batch_size, len(batch))))
-                 for start in range(0, len(batch), self.batch_size)]
-        self._encoded = {id(part): self.encode(part) for part in micro}
-        targets = [int((self._encoded[id(part)]["labels"][:, 1:] != IGNORE_INDEX).sum()) for part in micro]
-        total, summed = max(sum(targets), 1), 0.0
-        try:
-            for part, count in zip(micro, targets):
-                loss = self.loss(part, task) * (count / total)
-                self.check_finite(loss, description)
-                loss.backward()
-                summed = summed + loss.detach()
-        finally:
-            self._encoded = {}
-        return summed
+            return loss.detach(), self.count_tokens(batch)
+        mine = distributed.share(len(batch))
+        micro = [batch.select(range(start, min(start + self.batch_size, mine.stop)))
+                 for start in range(mine.start, mine.stop, self.batch_size)]
+        targets = [int((self.encode(part)["labels"][:, 1:] != IGNORE_INDEX).sum()) for part in micro]
+        total, summed = max(distributed.total(sum(targets)), 1), torch.zeros(())
+        for part, count in zip(micro, targets):
+            loss = self.loss(part, task) * (count / total)
+            self.check_finite(loss, description)
+            loss.backward()
+            summed = summed + loss.detach().cpu()
+        distributed.sum_gradients(self.trainable_parameters())
+        tokens = distributed.total(sum(self.count_tokens(part) for part in micro))
+        return torch.tensor(distributed.total(float(summed))), int(tokens)
 
     def count_tokens(self, batch: Examples) -> int:
-        ids = self.backbone.tokenizer([self.backbone.render(p) + a for p, a in zip(batch.prompts, batch.answers)],
-                                      add_special_tokens=False)["input_ids"]
-        return sum(min(len(i) + 1, self.backbone.max_length) for i in ids)
+        """Tokens trained on in ``batch`` (prompt, answer and end-of-sequence; no padding), read off the
+        step's encoding rather than tokenising the batch again."""
+        return int(self.encode(batch)["attention_mask"].sum())
+
+    def count_step(self, samples: int, loss, optimizer) -> None:
+        super().count_step(samples, loss, optimizer)
+        self._encoded = {}  # the step is over: its encodings are not needed again
 
     @torch.no_grad()
     def predict(self, prompts: list[str], max_new_tokens: int | list[int]) -> list[str]:
+        """Greedy answers; under ``nproc=K`` each rank generates its share and every rank gets all."""
         self.eval()
         began = time.perf_counter()
+        mine = distributed.share(len(prompts))
+        limits = max_new_tokens if isinstance(max_new_tokens, int) else list(max_new_tokens)[mine.start:mine.stop]
         with self.autocast():
-            texts, generated = self.backbone.generate(list(prompts), max_new_tokens=max_new_tokens,
+            texts, generated = self.backbone.generate(list(prompts)[mine.start:mine.stop], max_new_tokens=limits,
                                                       batch_size=self.generation_batch_size, device=self.device)
+        if distributed.world_size() > 1:
+            texts = [text for part in distributed.gather(texts) for text in part]
+            generated = int(distributed.total(generated))
         self.tokens_generated += generated
         self.generation_seconds += time.perf_counter() - began
         return texts

@@ -8,6 +8,7 @@ arguments (their defaults are the config defaults) and runtime objects are posit
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -87,6 +88,9 @@ class Strategy(nn.Module):
     # run from task 1 instead of resuming it, saying why (``not_resumable``)
     resumable = True
     not_resumable = ""
+    # runs as one rank of a data-parallel run (nproc=K, cl_bench.distributed); else ``no_data_parallel`` says why
+    data_parallel = False
+    no_data_parallel = "only the language-model strategies split their steps over processes"
     # False: the training loop cannot stop at a declared budget; a run with one fails saying why
     honours_budget = True
     no_budget = ""
@@ -239,8 +243,14 @@ class ClassifierStrategy(Strategy):
     cross-entropy over all classes seen so far. ``predict`` returns logits over seen classes."""
 
     def __init__(self, backbone: Backbone, context: Context, *, epochs: int = 1, batch_size: int = 32,
-                 lr: float = 0.01, optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0):
+                 lr: float = 0.01, optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0,
+                 bf16: bool = False, compile: bool = False):
         super().__init__(backbone, context)
+        if bf16 and context.device.type != "cuda":
+            raise UserError("strategy.bf16=true is for GPU runs; on the CPU keep float32")
+        self.bf16 = bf16
+        if compile:  # in place (nn.Module.compile): parameter names, hence checkpoints, stay the same
+            backbone.compile()
         if optimizer not in OPTIMIZERS:
             raise UserError(f"strategy.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{optimizer}'")
         check_ranges("strategy", epochs=(epochs, ">= 0"), batch_size=(batch_size, ">= 1"), lr=(lr, ">= 0"))
@@ -262,7 +272,11 @@ class ClassifierStrategy(Strategy):
         return OPTIMIZERS[self.optimizer_name](parameters, **options)
 
     def forward(self, inputs) -> torch.Tensor:
-        return self.head(self.backbone(self.backbone.prepare(inputs, self.device)))
+        """Logits in float32; with ``bf16`` the backbone and head run under bfloat16 autocast."""
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        with autocast:
+            logits = self.head(self.backbone(self.backbone.prepare(inputs, self.device)))
+        return logits.float()
 
     def loss(self, inputs, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self(inputs), targets)

@@ -98,6 +98,8 @@ class _ConPET(LanguageModelStrategy):
 
     # constant: the authors' README runs (policy 2, cost independent of t); full_history: their pools
     protocol_switches = {"batch_limit_policy": "constant", "memory": "full_history"}
+    data_parallel = False
+    no_data_parallel = "its own loops draw each step's batch from the task pools"
 
     # the random tiny LLaMA barely learns through q/k LoRA at scaling 1/r: the smoke run raises lora_alpha
     smoke_args = ("scenario=instruct_toy", "model=tiny_llama", "strategy.lr=0.005", "strategy.batch_size=2",
