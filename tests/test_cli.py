@@ -47,6 +47,10 @@ def run_dirs(results: Path) -> list[Path]:
     (["scenario=toy", "strategy.lr=-0.5"], "strategy.lr must be >= 0, got -0.5"),
     (["scenario=toy", "scenario.increment=0"], "scenario.increment must be >= 1, got 0"),
     (["scenario=toy", "scenario.num_classes=1"], "scenario.increment=2 asks for 2 classes in the first task"),
+    # found by fuzz_inputs.py --examples 5000: a NaN setting, an int too large for a float, data beyond float32
+    (["scenario=toy", "scenario.noise=.nan"], "scenario.noise must be a number, got nan"),
+    (["scenario=toy", "scenario.noise=" + "9" * 400], "scenario.noise expects a float, got an integer too large"),
+    (["scenario=toy", "scenario.noise=1.0e+300"], "scenario.noise=1e+300 gives points beyond float32's range"),
 ])
 def test_bad_run_arguments_give_one_line_and_exit_2(capsys, fast_args, tmp_results, overrides, expected):
     line = one_line_error(capsys, ["run", *overrides, *fast_args])

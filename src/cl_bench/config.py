@@ -157,12 +157,18 @@ def check_value(key: str, value, parameter: inspect.Parameter):
         allowed = (type(parameter.default),)
     if allowed is None:
         return value
+    if isinstance(value, float) and value != value:
+        raise UserError(f"{key} must be a number, got nan")  # NaN is never a setting; it would surface as a NaN loss
     if isinstance(value, bool) and bool not in allowed:
         pass  # YAML's true/false is not an int or float here
     elif isinstance(value, allowed):
         return value
     elif float in allowed and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise UserError(f"{key} expects a float, got an integer too large for one ({len(str(value))} digits)") \
+                from None
     elif list in allowed and isinstance(value, tuple):
         return list(value)
     elif str in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):

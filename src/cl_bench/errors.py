@@ -1,6 +1,5 @@
 """The one exception type the CLI turns into a one-line message and exit code 2, the range check that
 names the offending setting by its dotted key, and the quiet exit of a rank whose peer went away."""
-import math
 import operator
 import re
 
@@ -26,7 +25,7 @@ def satisfies(value: float, rule: str) -> bool:
         return (satisfies(value, f"{'>=' if left == '[' else '>'} {low}")
                 and satisfies(value, f"{'<=' if right == ']' else '<'} {high}"))
     op, bound = rule.split()
-    return not math.isnan(value) and COMPARISONS[op](value, float(bound))
+    return value == value and COMPARISONS[op](value, float(bound))  # NaN != NaN; a huge int compares exactly
 
 
 def check_ranges(section: str, **settings: tuple[float, str]) -> None:

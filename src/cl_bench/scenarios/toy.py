@@ -47,6 +47,8 @@ class Toy(ClassIncrementalScenario):
 
         train = draw(self.per_class)
         test = draw(self.test_per_class)
+        if not (torch.isfinite(train.inputs).all() and torch.isfinite(test.inputs).all()):
+            raise UserError(f"scenario.noise={self.noise} gives points beyond float32's range; use a smaller noise")
         names = [f"class{c}" for c in range(self.num_classes)]
         provenance = {"source": "synthetic Gaussian clusters", "data_seed": self.data_seed,
                       "num_classes": self.num_classes, "dim": self.dim, "noise": self.noise}
