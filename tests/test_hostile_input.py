@@ -4,6 +4,7 @@ never code (a malicious pickle as checkpoint, Python tags in YAML)."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -73,6 +74,9 @@ def check_outcome(code: int, err: str, counts: dict, family: str, names=()) -> N
         lines = [line for line in err.splitlines() if line.strip()]
         assert lines and lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1, err
         named = any(f"'{one_line(name)}'" in lines[-1] or (name and one_line(name) in lines[-1]) for name in names)
+        # valid settings whose training diverged (e.g. scenario.noise=41178): not an input error; the line names
+        # the run whose partial results stay on disk, and the learning rate
+        named = named or bool(re.match(r"error: run \S+ failed: loss became (nan|inf) .*strategy\.lr", lines[-1]))
         shape = f"{family}: error names {'the key or file' if named else 'neither key nor file'}"
         counts[shape] = counts.get(shape, 0) + 1
         assert named, (lines[-1], names)
