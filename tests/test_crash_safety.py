@@ -84,7 +84,7 @@ def test_kill_9_at_random_points_then_rerun_gives_the_same_matrix(tmp_path, refe
 # task 2's summary and checkpoint are written, until a signal arrives: Ctrl-C then lands at a known
 # point however loaded the machine is, instead of racing a run that may finish first.
 PAUSE_PLUGIN = """
-import signal
+import time
 from cl_bench.registry import STRATEGIES
 
 er = STRATEGIES.get("er")
@@ -92,13 +92,13 @@ before_task = er.before_task
 
 def pause_before_task_3(self, task):
     if task.index == 2:
-        # SIGINT is held back from the moment the line is printed until sigwait takes it: no window
-        # where it arrives before the wait begins
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         print("paused before task 3", flush=True)
-        signal.sigwait({signal.SIGINT})
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        raise KeyboardInterrupt
+        # Python's own SIGINT handler raises KeyboardInterrupt in this thread at the next bytecode, whichever
+        # thread the kernel handed the signal to and whenever it came after the print: the short sleeps only
+        # give it bytecodes to run. (Blocking SIGINT and sigwait-ing for it hung when the signal landed in the
+        # gap before sigwait: the kernel then delivers it to a torch worker thread, and sigwait never returns.)
+        while True:
+            time.sleep(0.01)
     before_task(self, task)
 
 er.before_task = pause_before_task_3

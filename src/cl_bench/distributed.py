@@ -171,18 +171,21 @@ def launch(argv: list[str], nproc: int) -> int:
     # the rank that failed on its own, not one that lost its peer or that we stopped
     culprit = next((i for i in failed if ranks[i].returncode not in (PEER_LOST, -signal.SIGTERM)), failed[0])
     code = ranks[culprit].returncode
-    if culprit == 0:
-        return code if code > 0 else 1  # rank 0 printed why, unless a signal killed it
-    logs[culprit].seek(0)
-    lines = [line for line in logs[culprit].read().splitlines() if line.strip()]
-    why = lines[-1] if lines and code > 0 else f"killed by signal {-code}" if code < 0 else "no message"
+    if culprit == 0 and code > 0 and code != PEER_LOST:
+        return code  # rank 0 printed why
+    lines = []
+    if logs[culprit] is not None:
+        logs[culprit].seek(0)
+        lines = [line for line in logs[culprit].read().splitlines() if line.strip()]
+    why = (f"killed by signal {-code}" if code < 0 else "another rank went away" if code == PEER_LOST
+           else lines[-1] if lines else "no message")
     raise UserError(f"rank {culprit} of nproc={nproc} stopped (exit {code}): {why}")
 
 
 def wait_all(ranks: list[subprocess.Popen]) -> list[int]:
-    """Wait for every rank; the indices of those that failed, in the order they ended. The first failure
-    stops the others, which would otherwise wait for it in a collective forever."""
-    waiting, failed = {process.pid: index for index, process in enumerate(ranks)}, []
+    """Wait for every rank; the indices of those that failed, in the order they ended. The first failure of
+    its own stops the others, which would otherwise wait for it in a collective forever."""
+    waiting, failed, stopping = {process.pid: index for index, process in enumerate(ranks)}, [], False
     while waiting:
         pid, status = os.wait()
         index = waiting.pop(pid, None)
@@ -190,7 +193,9 @@ def wait_all(ranks: list[subprocess.Popen]) -> list[int]:
             continue
         ranks[index].returncode = os.waitstatus_to_exitcode(status)
         if ranks[index].returncode != 0:
-            if not failed:
+            # a rank that lost its peer says nothing of its own: the peer that went away is exiting and says why
+            if ranks[index].returncode != PEER_LOST and not stopping:
+                stopping = True
                 for other in waiting.values():
                     ranks[other].send_signal(signal.SIGTERM)
             failed.append(index)
