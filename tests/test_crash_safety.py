@@ -84,6 +84,7 @@ def test_kill_9_at_random_points_then_rerun_gives_the_same_matrix(tmp_path, refe
 # task 2's summary and checkpoint are written, until a signal arrives: Ctrl-C then lands at a known
 # point however loaded the machine is, instead of racing a run that may finish first.
 PAUSE_PLUGIN = """
+import signal
 import time
 from cl_bench.registry import STRATEGIES
 
@@ -92,11 +93,12 @@ before_task = er.before_task
 
 def pause_before_task_3(self, task):
     if task.index == 2:
+        # a suite started in the background of a non-interactive shell hands its children SIGINT ignored, and an
+        # ignored SIGINT never arrives (the earlier sigwait then hung for good): take Ctrl-C's default back
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         print("paused before task 3", flush=True)
-        # Python's own SIGINT handler raises KeyboardInterrupt in this thread at the next bytecode, whichever
-        # thread the kernel handed the signal to and whenever it came after the print: the short sleeps only
-        # give it bytecodes to run. (Blocking SIGINT and sigwait-ing for it hung when the signal landed in the
-        # gap before sigwait: the kernel then delivers it to a torch worker thread, and sigwait never returns.)
+        # Python's handler raises KeyboardInterrupt here at the next bytecode, whichever thread the kernel
+        # handed the signal to: the short sleeps only give it bytecodes to run
         while True:
             time.sleep(0.01)
     before_task(self, task)
