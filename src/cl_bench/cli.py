@@ -92,10 +92,7 @@ def command_run(args, console: Console) -> int:
         raise
     if cfg.nproc > 1 and distributed.launched_world() == 1:
         from cl_bench.registry import STRATEGIES
-        strategy_class = STRATEGIES.get(cfg.strategy.type)
-        if not strategy_class.data_parallel:
-            raise UserError(f"strategy '{cfg.strategy.name}' does not run data-parallel "
-                            f"({strategy_class.no_data_parallel}); run it with nproc=1")
+        distributed.check_strategy(cfg.strategy.name, STRATEGIES.get(cfg.strategy.type))  # before any rank starts
         return distributed.launch(args.overrides, cfg.nproc)  # its rank 0 prints what a single run prints
     if distributed.launched_rank() != 0:  # a data-parallel rank other than 0: rank 0 speaks for the run
         run(cfg)

@@ -55,6 +55,13 @@ def is_writer() -> bool:
     return rank() == 0
 
 
+def check_strategy(name: str, strategy_class) -> None:
+    """Refuse, in one line, a strategy that cannot run as one rank of a data-parallel run."""
+    if not strategy_class.data_parallel:
+        raise UserError(f"strategy '{name}' does not run data-parallel ({strategy_class.no_data_parallel}); "
+                        f"run it with nproc=1")
+
+
 def start(device: torch.device) -> torch.device:
     """Join the launcher's process group (when ``WORLD_SIZE`` > 1); the device this rank computes on."""
     if launched_world() <= 1 or dist.is_initialized():

@@ -71,9 +71,8 @@ def build_strategy(cfg: DictConfig, stream: Stream, context: Context, progress) 
     if context.budget is not None and not strategy_class.honours_budget:
         raise UserError(f"strategy '{cfg.strategy.name}' cannot honour budget ({context.budget}): "
                         f"{strategy_class.no_budget}")
-    if distributed.world_size() > 1 and not strategy_class.data_parallel:
-        raise UserError(f"strategy '{cfg.strategy.name}' does not run data-parallel ({strategy_class.no_data_parallel}); "
-                        f"run it with nproc=1")
+    if distributed.world_size() > 1:  # under an outside launcher too
+        distributed.check_strategy(cfg.strategy.name, strategy_class)
     if cfg.eval_mode == "cil" and strategy_class.needs_task_at_test:
         raise UserError(f"strategy '{cfg.strategy.name}' needs the task identity at test time; run it with "
                         f"eval_mode=til")
