@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_check.sh
 # Checks: CUDA is visible; bf16 and gradient checkpointing on the language-model strategies; kill -9 and
 # resume give identical scores on CUDA (its RNG state is checkpointed); MOS on a ViT-B/16 with random weights;
-# bf16 autocast and torch.compile on a classifier strategy (nproc=K needs K GPUs: not checked on one);
+# bf16 autocast and torch.compile on a classifier strategy, bf16 on MOS (nproc=K needs K GPUs: not checked on one);
 # `executor=ray ray.gpus=1`; the side-by-side LM throughput on CUDA (printed, not judged).
 set -u
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -41,6 +41,9 @@ check "resume identity on CUDA (class, 3 kills)" $PY benchmarks/resume_identity.
 check "MOS on ViT-B/16, random weights" $CLI run strategy=mos scenario=fmnist model=vit_b16_in21k \
   model.pretrained=false scenario.max_per_class=20 scenario.max_test_per_class=10 strategy.epochs=1 \
   strategy.crct_epochs=1 device=cuda progress=false results_dir=$OUT/mos
+check "MOS on ViT-B/16: bf16 autocast" $CLI run strategy=mos scenario=fmnist model=vit_b16_in21k \
+  model.pretrained=false scenario.max_per_class=20 scenario.max_test_per_class=10 strategy.epochs=1 \
+  strategy.crct_epochs=1 strategy.bf16=true device=cuda progress=false results_dir=$OUT/mos16
 check "finetune: bf16 autocast + torch.compile (classifier)" $CLI run strategy=finetune scenario=toy device=cuda \
   strategy.bf16=true strategy.compile=true progress=false results_dir=$OUT/bf16
 printf 'seeds: [0, 1]\nruns:\n  - strategy=finetune scenario=toy device=cuda\n' > "$OUT/suite.yaml"

@@ -174,8 +174,27 @@ def test_compiled_backbone_trains_to_the_same_scores(tmp_path):
     assert not any("_orig_mod" in name for name in state)
 
 
-def test_bf16_is_refused_on_the_cpu(tmp_path):
+@pytest.mark.parametrize("strategy", ["mos", "contracon"])
+def test_compiled_backbone_follows_the_selected_adapters_and_task(tmp_path, monkeypatch, strategy):
+    """MOS swaps adapter sets and ConTraCon per-task weights by plain attributes between forwards of the one
+    compiled backbone; the compiled graph must follow them (guards, recompiles), not replay the first
+    selection. Traced with the aot_eager backend: dynamo's capture and guards as with inductor, no C++ build."""
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module: compile_module(module, backend="aot_eager"))
+    torch._dynamo.reset()
+    plain = run(toy_config(tmp_path / "plain", f"strategy={strategy}", "strategy.epochs=2"))
+    compiled = run(toy_config(tmp_path / "compiled", f"strategy={strategy}", "strategy.epochs=2",
+                              "strategy.compile=true"))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the backbone really ran compiled
+    torch._dynamo.reset()
+    scores = [p["score"] for p in compiled["per_task"]]
+    assert np.allclose(scores, [p["score"] for p in plain["per_task"]], atol=2.0), scores
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "mos", "dkvb", "contracon", "simplecil", "seqft"])
+def test_bf16_is_refused_on_the_cpu(tmp_path, strategy):
     from cl_bench.errors import UserError
 
     with pytest.raises(UserError, match="strategy.bf16=true is for GPU runs"):
-        run(toy_config(tmp_path, "strategy.bf16=true", "device=cpu"))
+        run(toy_config(tmp_path, f"strategy={strategy}", "strategy.bf16=true", "device=cpu"))
+    assert not list(tmp_path.glob("*/*/summary.json"))

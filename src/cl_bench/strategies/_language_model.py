@@ -14,7 +14,6 @@ tasks with different limits); the runner scores them with each task's scorer.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -45,12 +44,11 @@ class LanguageModelStrategy(Strategy):
                             f"got {type(backbone).__name__}")
         check_ranges("strategy", epochs=(epochs, ">= 0"), batch_size=(batch_size, ">= 1"), lr=(lr, ">= 0"),
                      generation_batch_size=(generation_batch_size, ">= 1"), grad_accum=(grad_accum, ">= 1"))
-        if bf16 and context.device.type != "cuda":
-            raise UserError("strategy.bf16=true is for GPU runs; on the CPU keep float32")
+        self.use_precision(bf16=bf16)
         self.epochs, self.batch_size, self.lr, self.grad_accum = epochs, batch_size, lr, grad_accum
         self._encoded: dict[int, tuple] = {}  # id(batch) -> (batch, its encoding) until the step ends
         self.weight_decay, self.grad_clip = weight_decay, grad_clip
-        self.generation_batch_size, self.bf16 = generation_batch_size, bf16
+        self.generation_batch_size = generation_batch_size
         if gradient_checkpointing:
             backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             backbone.model.config.use_cache = False
@@ -60,9 +58,6 @@ class LanguageModelStrategy(Strategy):
     @property
     def lm(self):
         return self.backbone.model
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -3,7 +3,9 @@
 The runner calls, for each task in order: ``before_task(task)``, ``learn(task)``,
 ``after_task(task)``, then ``predict(inputs)`` on the test data of every task scored. Strategies
 never see the config object or future tasks; hyperparameters are keyword-only constructor
-arguments (their defaults are the config defaults) and runtime objects are positional.
+arguments (their defaults are the config defaults) and runtime objects are positional. Where a strategy
+takes them, ``bf16=true`` runs its forward passes under bfloat16 autocast (CUDA only) and ``compile=true``
+compiles its backbone in place with torch.compile (``Strategy.use_precision``).
 """
 from __future__ import annotations
 
@@ -115,6 +117,8 @@ class Strategy(nn.Module):
     paper_backbone: str | None = None
     backbone_pattern = ""
     backbone_need = ""
+    # bfloat16 autocast over the forward passes (``strategy.bf16``, see ``use_precision``)
+    bf16 = False
 
     def __init__(self, backbone: Backbone, context: Context):
         super().__init__()
@@ -128,6 +132,19 @@ class Strategy(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.context.device
+
+    def use_precision(self, *, bf16: bool = False, compile: bool = False) -> None:
+        """``strategy.bf16``: the forward passes run under ``autocast()`` (bfloat16, GPU only);
+        ``strategy.compile``: the backbone is compiled in place (``nn.Module.compile``), so parameter names,
+        hence checkpoints, stay the same. Both are config keys, so a run's id records them."""
+        if bf16 and self.device.type != "cuda":
+            raise UserError("strategy.bf16=true is for GPU runs; on the CPU keep float32")
+        self.bf16 = bf16
+        if compile:
+            self.backbone.compile()
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
     def before_task(self, task: Task) -> None:
         pass
@@ -246,11 +263,7 @@ class ClassifierStrategy(Strategy):
                  lr: float = 0.01, optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0,
                  bf16: bool = False, compile: bool = False):
         super().__init__(backbone, context)
-        if bf16 and context.device.type != "cuda":
-            raise UserError("strategy.bf16=true is for GPU runs; on the CPU keep float32")
-        self.bf16 = bf16
-        if compile:  # in place (nn.Module.compile): parameter names, hence checkpoints, stay the same
-            backbone.compile()
+        self.use_precision(bf16=bf16, compile=compile)
         if optimizer not in OPTIMIZERS:
             raise UserError(f"strategy.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{optimizer}'")
         check_ranges("strategy", epochs=(epochs, ">= 0"), batch_size=(batch_size, ">= 1"), lr=(lr, ">= 0"))
@@ -273,8 +286,7 @@ class ClassifierStrategy(Strategy):
 
     def forward(self, inputs) -> torch.Tensor:
         """Logits in float32; with ``bf16`` the backbone and head run under bfloat16 autocast."""
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-        with autocast:
+        with self.autocast():
             logits = self.head(self.backbone(self.backbone.prepare(inputs, self.device)))
         return logits.float()
 

@@ -251,8 +251,9 @@ class ConTraCon(Strategy):
     def __init__(self, backbone, context, *, epochs: int = 250, batch_size: int = 256, lr: float = 8e-4,
                  weight_decay: float = 6e-7, head_lr: float = 5e-3, min_lr: float = 1e-5,
                  label_smoothing: float = 0.1, kernel_size: int = 15, views: str = "autoaugment",
-                 train_augment: str = "none"):
+                 train_augment: str = "none", bf16: bool = False, compile: bool = False):
         super().__init__(backbone, context)
+        self.use_precision(bf16=bf16, compile=compile)
         check_ranges("strategy", epochs=(epochs, ">= 0"), batch_size=(batch_size, ">= 1"), lr=(lr, ">= 0"),
                      head_lr=(head_lr, ">= 0"), min_lr=(min_lr, ">= 0"), weight_decay=(weight_decay, ">= 0"))
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -324,7 +325,9 @@ class ConTraCon(Strategy):
     def task_logits(self, prepared, task: int) -> torch.Tensor:
         for wrapper in self.per_task:
             wrapper.task = task
-        return self.heads[task](self.backbone(prepared))
+        with self.autocast():
+            logits = self.heads[task](self.backbone(prepared))
+        return logits.float()
 
     def learn(self, task) -> None:
         t = self.num_tasks - 1

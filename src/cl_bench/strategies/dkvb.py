@@ -92,8 +92,10 @@ class DKVB(Strategy):
                  keys_per_codebook: int = 4096, key_dim: int = 14, top_k: int = 1,
                  splitter: str = "random_projection", decay: float = 0.95, dead_key_threshold: float = 0.1,
                  values: str = "fixed", value_init_std: float = 0.0, epochs: int = 10, batch_size: int = 256,
-                 lr: float = 0.3, optimizer: str = "sgd", label_smoothing: float = 0.1, grad_clip: float = 1.0):
+                 lr: float = 0.3, optimizer: str = "sgd", label_smoothing: float = 0.1, grad_clip: float = 1.0,
+                 bf16: bool = False, compile: bool = False):
         super().__init__(backbone, context)
+        self.use_precision(bf16=bf16, compile=compile)
         C, M, k, D = num_codebooks, keys_per_codebook, key_dim, backbone.out_dim
         check_ranges("strategy", num_codebooks=(C, ">= 1"), keys_per_codebook=(M, ">= 1"), key_dim=(k, ">= 1"),
                      top_k=(top_k, ">= 1"), batch_size=(batch_size, ">= 1"), key_init_samples=(key_init_samples, ">= 1"),
@@ -140,7 +142,8 @@ class DKVB(Strategy):
 
     @torch.no_grad()
     def embed(self, inputs) -> torch.Tensor:
-        return self.backbone(self.backbone.prepare(inputs, self.device)).float()
+        with self.autocast():
+            return self.backbone(self.backbone.prepare(inputs, self.device)).float()
 
     def heads(self, features: torch.Tensor) -> torch.Tensor:
         """(C, B, d_k) queries of the codebooks for (B, D) features."""

@@ -132,9 +132,10 @@ class MOS(ClassifierStrategy):
                  adapter_scale: float = 0.1, adapter_dropout: float = 0.1, adapter_momentum: float = 0.1,
                  adapter_merge: str = "paper", sim_weight: float = 0.1, sim_temperature: float = 0.8,
                  crct_epochs: int = 30, ca_lr: float = 0.005, ca_statistics: str = "covariance",
-                 max_iter: int = 4, ensemble: bool = True, augment: bool = True, normalize_inputs: bool = True):
+                 max_iter: int = 4, ensemble: bool = True, augment: bool = True, normalize_inputs: bool = True,
+                 bf16: bool = False, compile: bool = False):
         super().__init__(backbone, context, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                         momentum=momentum, weight_decay=weight_decay)
+                         momentum=momentum, weight_decay=weight_decay, bf16=bf16, compile=compile)
         if adapter_merge not in ("paper", "legacy"):
             raise UserError(f"strategy.adapter_merge must be paper or legacy, got '{adapter_merge}'")
         if ca_statistics not in ("covariance", "variance"):
@@ -179,7 +180,7 @@ class MOS(ClassifierStrategy):
             self.router.adapters = self.router.before_layer = None
 
     def _features(self, prepared, adapters, pull_toward=None) -> torch.Tensor:
-        with self._routed(adapters, pull_toward):
+        with self._routed(adapters, pull_toward), self.autocast():
             return self.backbone(prepared).float()
 
     def _snapshot_mean(self, count: int) -> list[torch.Tensor] | None:

@@ -20,14 +20,16 @@ class SimpleCIL(Strategy):
     honours_budget = False
     no_budget = "it is training-free (no optimizer steps); its prototypes average every training example of a task"
 
-    def __init__(self, backbone, context, *, batch_size: int = 256):
+    def __init__(self, backbone, context, *, batch_size: int = 256, bf16: bool = False, compile: bool = False):
         super().__init__(backbone, context)
+        self.use_precision(bf16=bf16, compile=compile)
         self.batch_size = batch_size
         self.backbone.requires_grad_(False)
         self.register_buffer("prototypes", torch.empty(0, backbone.out_dim))
 
     def embed(self, inputs) -> torch.Tensor:
-        return self.backbone(self.backbone.prepare(inputs, self.device))
+        with self.autocast():
+            return self.backbone(self.backbone.prepare(inputs, self.device)).float()
 
     @torch.no_grad()
     def learn(self, task):
@@ -35,7 +37,7 @@ class SimpleCIL(Strategy):
         sums = torch.zeros(max(task.classes) + 1, self.backbone.out_dim, device=self.device)
         counts = torch.zeros(max(task.classes) + 1, device=self.device)
         for inputs, targets in self.batches(task.train, self.batch_size, shuffle=False, description=task.name):
-            sums.index_add_(0, targets, self.embed(inputs).float())
+            sums.index_add_(0, targets, self.embed(inputs))
             counts.index_add_(0, targets, torch.ones_like(targets, dtype=torch.float))
             self.samples_trained += len(targets)
         prototypes = torch.zeros_like(sums)
@@ -45,7 +47,7 @@ class SimpleCIL(Strategy):
         self.prototypes = prototypes
 
     def predict(self, inputs):
-        return F.normalize(self.embed(inputs).float(), dim=1) @ F.normalize(self.prototypes, dim=1).T
+        return F.normalize(self.embed(inputs), dim=1) @ F.normalize(self.prototypes, dim=1).T
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.prototypes = torch.empty_like(state_dict[prefix + "prototypes"])
