@@ -5,11 +5,12 @@ What is measured
     the write) for the first ``--images`` training images of Split-Fashion-MNIST with the scenario's frozen
     EfficientNet-Lite0, against a plain loop over the same images: ``backbone(backbone.prepare(x))`` in
     batches, results kept in memory, no key and no write. The plain loop runs at each ``--plain-batches`` size
-    (Avalanche's training batch is the user's; the cache uses ``eval_batch_size``). Contenders alternate,
-    medians over ``--rounds``. Target: the cache at least as fast as the plain forward at its best batch size.
+    (the cache fills in batches of ``runner.CPU_FEATURE_BATCH`` on the CPU, ``eval_batch_size`` on a GPU).
+    Contenders alternate, medians over ``--rounds``. Target: the cache at least as fast as the plain forward
+    at its best batch size.
 
 Usage
-    .venv/bin/python benchmarks/feature_cache.py [--images 2000] [--rounds 3] [--cache-batch 256]
+    .venv/bin/python benchmarks/feature_cache.py [--images 2000] [--rounds 3] [--cache-batch 32]
         [--plain-batches 32 64 128 256] [--threads 2]
 
 Measure with nothing else running and say the load with the numbers.
@@ -29,7 +30,7 @@ import torch  # noqa: E402
 from cl_bench.config import compose  # noqa: E402
 from cl_bench.models.backbone import FeatureCache  # noqa: E402
 from cl_bench.models.factory import create_backbone  # noqa: E402
-from cl_bench.runner import build_stream  # noqa: E402
+from cl_bench.runner import CPU_FEATURE_BATCH, build_stream  # noqa: E402
 
 
 @torch.no_grad()
@@ -53,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--cache-batch", type=int, default=256, help="the cache's batch (eval_batch_size)")
+    parser.add_argument("--cache-batch", type=int, default=CPU_FEATURE_BATCH, help="the cache batch on the CPU")
     parser.add_argument("--plain-batches", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
