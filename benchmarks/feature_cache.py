@@ -7,7 +7,9 @@ What is measured
     batches, results kept in memory, no key and no write. The plain loop runs at each ``--plain-batches`` size
     (the cache fills in batches of ``runner.CPU_FEATURE_BATCH`` on the CPU, ``eval_batch_size`` on a GPU).
     Contenders alternate, medians over ``--rounds``. Target: the cache at least as fast as the plain forward
-    at its best batch size.
+    at its best batch size. Then, at each batch size, the stages alone: ``prepare`` as it is, ``prepare`` as it
+    was when the issue was filed (grey copied to 3 channels before an antialiased resize), and the network on
+    prepared batches.
 
 Usage
     .venv/bin/python benchmarks/feature_cache.py [--images 2000] [--rounds 3] [--cache-batch 32]
@@ -26,6 +28,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from cl_bench.config import compose  # noqa: E402
 from cl_bench.models.backbone import FeatureCache  # noqa: E402
@@ -40,6 +43,36 @@ def plain_rate(backbone, inputs: torch.Tensor, batch: int) -> float:
     for start in range(0, len(inputs), batch):
         backbone(backbone.prepare(inputs[start:start + batch], "cpu")).float()
     return len(inputs) / (time.perf_counter() - began)
+
+
+def prepare_before(backbone, images: torch.Tensor) -> torch.Tensor:
+    """ImageBackbone.prepare as it was when issue 17 was filed: grey copied to 3 channels, then an antialiased
+    resize of all three (also when enlarging)."""
+    x = images.float().div_(255.0)
+    x = x.mean(1, keepdim=True).expand(-1, backbone.preprocessing["in_chans"], -1, -1)
+    size = backbone.preprocessing["image_size"]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return (x - backbone.mean) / backbone.std
+
+
+@torch.no_grad()
+def stage_rates(backbone, inputs: torch.Tensor, batch: int) -> dict[str, float]:
+    """Images per second of each stage alone: prepare now, prepare before, the network on prepared batches."""
+    backbone.eval()
+    parts = [inputs[start:start + batch] for start in range(0, len(inputs), batch)]
+    rates = {}
+    for name, stage in (("prepare", lambda part: backbone.prepare(part, "cpu")),
+                        ("prepare before", lambda part: prepare_before(backbone, part))):
+        began = time.perf_counter()
+        for part in parts:
+            stage(part)
+        rates[name] = len(inputs) / (time.perf_counter() - began)
+    prepared = [backbone.prepare(part, "cpu") for part in parts]
+    began = time.perf_counter()
+    for part in prepared:
+        backbone(part)
+    rates["network"] = len(inputs) / (time.perf_counter() - began)
+    return rates
 
 
 def cache_rate(backbone, samples, batch: int) -> float:
@@ -78,6 +111,10 @@ def main() -> None:
     best = max(plain, key=lambda batch: statistics.median(plain[batch]))
     for batch, rates in plain.items():
         print(f"plain forward, batch {batch:<4} {statistics.median(rates):8.1f} images/s")
+    for batch in args.plain_batches:
+        stages = [stage_rates(backbone, samples.inputs, batch) for _ in range(args.rounds)]
+        print(f"stages alone, batch {batch:<4} " + "  ".join(
+            f"{name} {statistics.median(rates[name] for rates in stages):8.1f}" for name in stages[0]) + " images/s")
     ours = statistics.median(cache)
     print(f"feature cache, batch {args.cache_batch:<4} {ours:8.1f} images/s  "
           f"ratio to the best plain forward (batch {best}): {ours / statistics.median(plain[best]):.3f}  target >= 1")

@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cl_bench.config import compose
 from cl_bench.errors import UserError
-from cl_bench.models.backbone import FeatureCache, weights_fingerprint
+from cl_bench.models.backbone import FeatureCache, ImageBackbone, weights_fingerprint
 from cl_bench.models.factory import create_backbone
 from cl_bench.runner import run
 from cl_bench.scenarios.base import Samples
@@ -40,6 +41,22 @@ def test_efficientnet_lite0_carries_the_packaged_weights():
 
 
 @needs_efficientnet
+@pytest.mark.parametrize("channels, side", [(1, 28), (3, 28), (1, 96), (3, 96), (3, 64)])
+def test_image_preparation_is_the_antialiased_resize_of_the_channel_matched_images(channels, side):
+    """prepare resizes grey images before copying them to 3 channels and antialiases only when shrinking;
+    the result is the reference order (match channels, antialiased bilinear resize, normalise) to rounding."""
+    backbone = ImageBackbone(nn.Identity(), 3, in_chans=3, image_size=64, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    images = torch.randint(0, 256, (5, channels, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = images.float() / 255
+    x = x.mean(1, keepdim=True).expand(-1, 3, -1, -1) if channels != 3 else x
+    if side != 64:
+        x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+    reference = (x - backbone.mean) / backbone.std
+    prepared = backbone.prepare(images, "cpu")
+    assert prepared.shape == (5, 3, 64, 64)
+    torch.testing.assert_close(prepared, reference, rtol=0, atol=1e-5)
+
+
 def test_pretrained_efficientnet_features_separate_digits_better_than_random():
     """Nearest-class-mean on held-out digits: ImageNet features beat random-init features."""
     from sklearn.datasets import load_digits

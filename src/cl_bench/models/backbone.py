@@ -63,10 +63,15 @@ class ImageBackbone(Backbone):
         x = inputs.to(device)
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         in_chans, size = self.preprocessing["in_chans"], self.preprocessing["image_size"]
-        if x.shape[1] != in_chans:
-            x = x.mean(1, keepdim=True).expand(-1, in_chans, -1, -1) if in_chans in (1, 3) else x
+        grey = x.shape[1] != in_chans and in_chans in (1, 3)
+        if grey:  # resized as one channel, then copied: resizing acts on each channel alone
+            x = x.mean(1, keepdim=True)
         if size and tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            # antialiasing only acts when shrinking (enlarging, its weights are plain bilinear's)
+            shrinks = x.shape[-2] > size or x.shape[-1] > size
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinks)
+        if grey:
+            x = x.expand(-1, in_chans, -1, -1)
         return (x - self.mean) / self.std
 
 
