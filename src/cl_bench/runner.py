@@ -89,8 +89,8 @@ def build_strategy(cfg: DictConfig, stream: Stream, context: Context, progress) 
         info["weights_digest"] = weights_fingerprint(backbone)
     if backbone.frozen:
         start = time.perf_counter()
-        # on the CPU small batches stay in cache: EfficientNet-Lite0 at 64x64 fills 2.1x faster in batches of 32
-        # than of 256 (benchmarks/feature_cache.py); a GPU takes the evaluation batch
+        # on the CPU small batches stay in cache: EfficientNet-Lite0 at 64x64 forwards 1.7-2.4x faster in batches
+        # of 32 than of 256 (benchmarks/feature_cache.py, several quiet runs); a GPU takes the evaluation batch
         batch_size = CPU_FEATURE_BATCH if context.device.type == "cpu" else cfg.eval_batch_size
         cache = FeatureCache(cfg.cache_dir, batch_size=batch_size, device=context.device, progress=progress)
         stream = stream.map_inputs(lambda samples: cache.encode(backbone, samples), "features")
