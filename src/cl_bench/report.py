@@ -151,8 +151,8 @@ def loss_figure(groups: list[Group], runs_dir: Path, title: str) -> tuple[Figure
         logs = [log for folder in folders if folder.parent == runs_dir and (log := read_train_log(folder)) is not None]
         if not logs:
             continue
-        by_step = pd.concat(logs).groupby("step")["loss"]
-        steps, mean, low, high = by_step.mean().index.to_numpy(), by_step.mean(), by_step.min(), by_step.max()
+        by_step = pd.concat(logs).groupby("step")["loss"].agg(["mean", "min", "max"])
+        steps, mean, low, high = by_step.index.to_numpy(), by_step["mean"], by_step["min"], by_step["max"]
         look = style(index, len(groups))
         axes.fill_between(steps, low, high, color=look["color"], alpha=0.2, linewidth=0)
         axes.plot(steps, mean, linestyle=look["linestyle"], color=look["color"],
