@@ -121,8 +121,7 @@ def test_a_step_on_lbc_moves_routing_mass_away_from_the_boosted_group(task_type)
     The router is scaled towards uniform routing, where the coefficients drive the gradient; from a strongly
     uneven router one step mostly evens out experts inside each group instead (a few % of random inits)."""
     torch.manual_seed(0)
-    layer = LoRAMoELinear(torch.nn.Linear(16, 8), LBCState(), num_experts=6, r=4, alpha=32, dropout=0.0,
-                          blc_alpha=0.1, blc_weight=0.1, lbc_form="cv2")
+    layer = LoRAMoELinear(torch.nn.Linear(16, 8), LBCState(), num_experts=6, r=4, alpha=32, dropout=0.0)
     with torch.no_grad():
         layer.lora_router *= 0.3
     x = torch.randn(4, 10, 16)

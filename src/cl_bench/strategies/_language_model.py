@@ -9,11 +9,14 @@ same gradient as the whole batch at once for a token-mean loss (the auxiliary te
 training are averaged over micro-batches by the same weights). Batches are grouped by length (shuffled, then sorted inside windows of 32
 batches) so padding stays small without a per-example loop. ``predict(prompts, max_new_tokens)``
 returns generated strings, one limit for all prompts or one per prompt (an evaluation batch mixes
-tasks with different limits); the runner scores them with each task's scorer.
+tasks with different limits); the runner scores them with each task's scorer. Under
+``gradient_checkpointing`` the backward runs each layer's forward again, so a loss that hooks into the
+forward enters its hooks into ``backward_hooks``: they stay registered until that backward is done.
 """
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 
 import torch
 
@@ -54,6 +57,7 @@ class LanguageModelStrategy(Strategy):
             backbone.model.config.use_cache = False
         self.tokens_trained = self.tokens_generated = 0
         self.generation_seconds = 0.0
+        self.backward_hooks: ExitStack | None = None  # open while a step's loss and backward run
 
     @property
     def lm(self):
@@ -136,23 +140,31 @@ class LanguageModelStrategy(Strategy):
         """Forward and backward of one step's batch (in ``grad_accum`` micro-batches; under ``nproc=K``, of
         this rank's share, gradients then summed over ranks): the batch's loss and its token count."""
         if self.grad_accum == 1 and distributed.world_size() == 1:
-            loss = self.loss(batch, task)
-            self.check_finite(loss, description)
-            loss.backward()
-            return loss.detach(), self.count_tokens(batch)
+            return self.loss_and_backward(batch, task, description), self.count_tokens(batch)
         mine = distributed.share(len(batch))
         micro = [batch.select(range(start, min(start + self.batch_size, mine.stop)))
                  for start in range(mine.start, mine.stop, self.batch_size)]
         targets = [int((self.encode(part)["labels"][:, 1:] != IGNORE_INDEX).sum()) for part in micro]
         total, summed = max(distributed.total(sum(targets)), 1), torch.zeros(())
         for part, count in zip(micro, targets):
-            loss = self.loss(part, task) * (count / total)
-            self.check_finite(loss, description)
-            loss.backward()
-            summed = summed + loss.detach().cpu()
+            summed = summed + self.loss_and_backward(part, task, description, count / total).cpu()
         distributed.sum_gradients(self.trainable_parameters())
         tokens = distributed.total(sum(self.count_tokens(part) for part in micro))
         return torch.tensor(distributed.total(float(summed))), int(tokens)
+
+    def loss_and_backward(self, batch: Examples, task: Task, description: str, weight: float = 1.0) -> torch.Tensor:
+        """weight x loss(batch), after its backward; hooks the loss entered into ``backward_hooks`` are removed
+        once the backward is done."""
+        try:
+            with ExitStack() as self.backward_hooks:
+                loss = self.loss(batch, task)
+                if weight != 1.0:
+                    loss = loss * weight
+                self.check_finite(loss, description)
+                loss.backward()
+        finally:
+            self.backward_hooks = None
+        return loss.detach()
 
     def count_tokens(self, batch: Examples) -> int:
         """Tokens trained on in ``batch`` (prompt, answer and end-of-sequence; no padding), read off the

@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import math
 import re
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -414,10 +414,13 @@ class IVGuided(LanguageModelStrategy):
             with self.reference_pass(), self.captured_heads(layers, rows, positions) as ref_heads:
                 self.lm(**inputs)
         gamma = max(0.0, 1 - self._step / max(1, self._steps_total))
-        progressive = (self.added_vector(vector, rows, positions, gamma)
-                       if self.progressive_intervention else nullcontext())
-        with self.captured_heads(layers, rows, positions) as heads, progressive, self.autocast():
-            output = self.lm(**encoded)
+        with ExitStack() as this_call:  # in a training step the hooks stay for the backward's recomputation
+            hooks = self.backward_hooks or this_call
+            heads = hooks.enter_context(self.captured_heads(layers, rows, positions))
+            if self.progressive_intervention:
+                hooks.enter_context(self.added_vector(vector, rows, positions, gamma))
+            with self.autocast():
+                output = self.lm(**encoded)
         return self.objective(output.loss, output.logits, ref_logits, heads, ref_heads, rows, positions)
 
     def objective(self, ce, logits, ref_logits, heads, ref_heads, rows, positions) -> torch.Tensor:

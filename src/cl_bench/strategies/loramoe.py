@@ -36,8 +36,10 @@ Deliberate deviations and harness choices:
   mod 2, so consecutive tasks lean on opposite expert groups), ``all_downstream`` (τ = 0 for every sample,
   the paper's label for non-knowledge tasks), ``all_knowledge`` (τ = 1) or ``none`` (no types: no LBC).
   Subclasses that mix data (e.g. replayed general knowledge) can override ``task_types`` per sample.
-* The upstream code threads ``task_types`` through forked model code; here the wrapped linears read them
-  from a shared ``LBCState`` set around each training forward, and return only their output.
+* The upstream code threads ``task_types`` through forked model code; here the wrapped linears record their
+  routing weights in a shared ``LBCState`` during each training forward, and L_lbc is computed from them
+  after it (the layers' forward is then the same with and without LBC, as gradient checkpointing's
+  recomputation requires).
 * Each expert draws its own dropout mask on its input, as the code does (one dropout call per expert);
   the experts' A matrices are stacked so that, without dropout, they run as one matmul.
 * Importance is summed in the compute dtype and the CV² is taken in float32, as in the code. The family
@@ -61,12 +63,11 @@ LBC_FORMS = ("cv2", "var_over_mean")
 
 
 class LBCState:
-    """What the wrapped linears share during one training forward: the batch's per-sample types (None:
-    no LBC) and the LBC terms they add, already multiplied by β."""
+    """What the wrapped linears share: during a training forward that needs LBC, the list their routing
+    weights G go to (None otherwise, e.g. when gradient checkpointing reruns the forward in the backward)."""
 
     def __init__(self):
-        self.task_types: torch.Tensor | None = None
-        self.losses: list[torch.Tensor] = []
+        self.gates: list[torch.Tensor] | None = None
 
 
 def lbc_loss(gates: torch.Tensor, task_types: torch.Tensor, *, delta: float, form: str = "cv2") -> torch.Tensor:
@@ -87,12 +88,11 @@ class LoRAMoELinear(nn.Module):
     """A frozen nn.Linear plus a router and ``num_experts`` LoRA experts (see the module docstring)."""
 
     def __init__(self, base_layer: nn.Linear, state: LBCState, *, num_experts: int, r: int, alpha: float,
-                 dropout: float, blc_alpha: float, blc_weight: float, lbc_form: str,
-                 generator: torch.Generator | None = None):
+                 dropout: float, generator: torch.Generator | None = None):
         super().__init__()
         self.base_layer, self.state = base_layer, state
         self.num_experts, self.r, self.scaling = num_experts, r, alpha / r
-        self.dropout_p, self.blc_alpha, self.blc_weight, self.lbc_form = dropout, blc_alpha, blc_weight, lbc_form
+        self.dropout_p = dropout
         d_in, d_out = base_layer.in_features, base_layer.out_features
         router, experts_a = torch.empty(num_experts, d_in), torch.empty(num_experts, r, d_in)
         nn.init.kaiming_uniform_(router, a=math.sqrt(5), generator=generator)
@@ -126,9 +126,8 @@ class LoRAMoELinear(nn.Module):
             low = F.linear(h, self.lora_A)
         low = (low.unflatten(-1, (self.num_experts, self.r)) * gates.unsqueeze(-1).to(low.dtype)).flatten(-2)
         result = result + (self.scaling * F.linear(low, self.lora_B)).to(result.dtype)
-        if self.state.task_types is not None and self.blc_weight != 0:
-            loss = lbc_loss(gates, self.state.task_types, delta=self.blc_alpha, form=self.lbc_form)
-            self.state.losses.append(self.blc_weight * loss)
+        if self.state.gates is not None:
+            self.state.gates.append(gates)
         return result
 
 
@@ -174,8 +173,7 @@ class LoRAMoE(LanguageModelStrategy):
         self.lbc_state = LBCState()
         targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
         self.experts = inject_loramoe(self.lm, targets, self.lbc_state, num_experts=num_experts, r=lora_r,
-                                      alpha=lora_alpha, dropout=lora_dropout, blc_alpha=blc_alpha,
-                                      blc_weight=blc_weight, lbc_form=lbc_form, generator=context.generator)
+                                      alpha=lora_alpha, dropout=lora_dropout, generator=context.generator)
         self.last_lbc = 0.0
 
     def task_types(self, batch: Examples, task: Task) -> torch.Tensor | None:
@@ -187,15 +185,16 @@ class LoRAMoE(LanguageModelStrategy):
 
     def auxiliary_loss(self, encoded: dict, task_types: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_NTP, β Σ L_lbc) for one encoded batch."""
-        state = self.lbc_state
-        state.task_types, state.losses = task_types, []
+        with_lbc = task_types is not None and self.blc_weight != 0
+        self.lbc_state.gates = gates = [] if with_lbc else None
         try:
             lm_loss = self.lm_loss(encoded)
-            losses = state.losses
         finally:
-            state.task_types, state.losses = None, []
-        aux = torch.stack(losses).sum() if losses else lm_loss.new_zeros(())
-        return lm_loss, aux.to(lm_loss.dtype)
+            self.lbc_state.gates = None
+        if not gates:
+            return lm_loss, lm_loss.new_zeros(())
+        losses = [self.blc_weight * lbc_loss(g, task_types, delta=self.blc_alpha, form=self.lbc_form) for g in gates]
+        return lm_loss, torch.stack(losses).sum().to(lm_loss.dtype)
 
     def loss(self, batch: Examples, task: Task) -> torch.Tensor:
         lm_loss, aux = self.auxiliary_loss(self.encode(batch), self.task_types(batch, task))
