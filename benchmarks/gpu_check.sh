@@ -3,6 +3,8 @@
 # 5 minutes on one GPU. Run from the repository root after `make setup` (offline: tiny random models, data
 # that ships with the packages, no pretrained weights):
 #   bash benchmarks/gpu_check.sh
+# `bash benchmarks/gpu_check.sh --rehearse` runs the same commands on the CPU without bf16 (which the CPU refuses)
+# and with ray.gpus=0, so a broken key or flag shows here before a GPU's limited time is spent on it.
 # Checks: CUDA is visible; bf16 and gradient checkpointing on the language-model strategies; kill -9 and
 # resume give identical scores on CUDA (its RNG state is checkpointed); MOS on a ViT-B/16 with random weights;
 # bf16 autocast and torch.compile on a classifier strategy, bf16 on MOS (nproc=K needs K GPUs: not checked on one);
@@ -14,6 +16,8 @@ CLI=${CLI:-.venv/bin/cl-bench}
 OUT=$(mktemp -d /tmp/cl-bench-gpu-check.XXXX)
 trap 'rm -rf "$OUT"' EXIT
 failed=0
+DEVICE=cuda BF16=strategy.bf16=true GPUS=1
+if [ "${1:-}" = "--rehearse" ]; then DEVICE=cpu BF16= GPUS=0; fi
 
 check() {  # check NAME COMMAND...: ok, or FAILED with the command's last output line
   local name=$1; shift
@@ -26,31 +30,33 @@ check() {  # check NAME COMMAND...: ok, or FAILED with the command's last output
   fi
 }
 
-LM="scenario=instruct_toy model=tiny_llama device=cuda progress=false strategy.batch_size=4 strategy.lr=0.01"
-check "CUDA visible" $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
-[ $failed -eq 0 ] || { echo "no CUDA device: nothing else to check"; exit 1; }
+LM="scenario=instruct_toy model=tiny_llama device=$DEVICE progress=false strategy.batch_size=4 strategy.lr=0.01"
+if [ $DEVICE = cuda ]; then
+  check "CUDA visible" $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
+  [ $failed -eq 0 ] || { echo "no CUDA device: nothing else to check"; exit 1; }
+fi
 for strategy in seqft seqlora hft loramoe coin_ema iv_guided conpet_static; do
-  check "$strategy: bf16 + gradient checkpointing" $CLI run strategy=$strategy $LM strategy.bf16=true \
+  check "$strategy: bf16 + gradient checkpointing" $CLI run strategy=$strategy $LM $BF16 \
     strategy.gradient_checkpointing=true results_dir=$OUT/lm
 done
-check "seqlora: grad_accum=2 on CUDA" $CLI run strategy=seqlora $LM strategy.grad_accum=2 results_dir=$OUT/accum
-check "resume identity on CUDA (instruction, 3 kills)" $PY benchmarks/resume_identity.py --family instruction \
-  --kills 3 --device cuda
-check "resume identity on CUDA (class, 3 kills)" $PY benchmarks/resume_identity.py --family class --kills 3 \
-  --device cuda
+check "seqlora: grad_accum=2 on $DEVICE" $CLI run strategy=seqlora $LM strategy.grad_accum=2 results_dir=$OUT/accum
+check "resume identity on $DEVICE (instruction, 3 kills)" $PY benchmarks/resume_identity.py --family instruction \
+  --kills 3 --device $DEVICE
+check "resume identity on $DEVICE (class, 3 kills)" $PY benchmarks/resume_identity.py --family class --kills 3 \
+  --device $DEVICE
 check "MOS on ViT-B/16, random weights" $CLI run strategy=mos scenario=fmnist model=vit_b16_in21k \
   model.pretrained=false scenario.max_per_class=20 scenario.max_test_per_class=10 strategy.epochs=1 \
-  strategy.crct_epochs=1 device=cuda progress=false results_dir=$OUT/mos
+  strategy.crct_epochs=1 device=$DEVICE progress=false results_dir=$OUT/mos
 check "MOS on ViT-B/16: bf16 autocast" $CLI run strategy=mos scenario=fmnist model=vit_b16_in21k \
   model.pretrained=false scenario.max_per_class=20 scenario.max_test_per_class=10 strategy.epochs=1 \
-  strategy.crct_epochs=1 strategy.bf16=true device=cuda progress=false results_dir=$OUT/mos16
-check "finetune: bf16 autocast + torch.compile (classifier)" $CLI run strategy=finetune scenario=toy device=cuda \
-  strategy.bf16=true strategy.compile=true progress=false results_dir=$OUT/bf16
-printf 'seeds: [0, 1]\nruns:\n  - strategy=finetune scenario=toy device=cuda\n' > "$OUT/suite.yaml"
-check "executor=ray ray.gpus=1" $CLI bench "$OUT/suite.yaml" executor=ray ray.gpus=1 progress=false \
+  strategy.crct_epochs=1 $BF16 device=$DEVICE progress=false results_dir=$OUT/mos16
+check "finetune: bf16 autocast + torch.compile (classifier)" $CLI run strategy=finetune scenario=toy device=$DEVICE \
+  $BF16 strategy.compile=true progress=false results_dir=$OUT/bf16
+printf 'seeds: [0, 1]\nruns:\n  - strategy=finetune scenario=toy device=%s\n' $DEVICE > "$OUT/suite.yaml"
+check "executor=ray ray.gpus=$GPUS" $CLI bench "$OUT/suite.yaml" executor=ray ray.gpus=$GPUS progress=false \
   results_dir=$OUT/ray
-echo "--- LM throughput on CUDA (tiny_llama; cl-bench / plain, not judged here) ---"
-$PY benchmarks/lm_throughput.py --model tiny_llama --device cuda --steps 5 --rounds 3 --length 128 2>&1 \
+echo "--- LM throughput on $DEVICE (tiny_llama; cl-bench / plain, not judged here) ---"
+$PY benchmarks/lm_throughput.py --model tiny_llama --device $DEVICE --steps 5 --rounds 3 --length 128 2>&1 \
   | grep -v -i warn || failed=$((failed + 1))
 echo "$failed check(s) failed"
 exit $((failed > 0))
