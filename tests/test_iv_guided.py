@@ -210,6 +210,26 @@ def test_reference_passes_have_no_grad_and_adapters_come_back(monkeypatch):
     assert frozen and all(p.grad is None for p in frozen)
 
 
+def test_reference_pass_b_stops_after_the_deepest_selected_head():
+    colour = toy_tasks()[0]
+    model = strategy(heads="1:0,2:3")
+    model.before_task(colour)
+    model.train()
+    calls = {"o_proj 2": 0, "o_proj 3": 0, "logits": 0}
+
+    def counter(key):
+        def hook(*_):
+            calls[key] += 1
+        return hook
+
+    model.o_projs[2].register_forward_pre_hook(counter("o_proj 2"))
+    model.o_projs[3].register_forward_pre_hook(counter("o_proj 3"))
+    model.lm.get_output_embeddings().register_forward_pre_hook(counter("logits"))
+    model.loss(encoded_batch(model, colour)[0], colour)
+    assert calls == {"o_proj 2": 3, "o_proj 3": 2, "logits": 2}  # A, B and main reach layer 2; B stops there
+    assert sorted(model.last_terms) == ["ce", "k1", "k2", "m1:0", "m2:3"]
+
+
 def test_merged_adapters_make_disabled_equal_the_previous_model_and_vectors_use_the_original():
     colour, shape, _ = toy_tasks()
     model = strategy(epochs=2, lr=0.05, n_trials=100)

@@ -11,7 +11,8 @@ Training on task t: the LoRAs of tasks < t are merged into the base weights, so 
 disabled is θ_{t−1}; a fresh LoRA (r=8, α=16, dropout 0.1 on q_proj, v_proj) trains with, per batch
 (p_b = last prompt token = first answer position − 1):
     A: no grad, adapters disabled, v_t added to o_proj's output of layer ℓ_edit at p_b only -> z^ref
-    B: no grad, adapters disabled, no hook -> head outputs a^ref_{l,h} at p_b
+    B: no grad, adapters disabled, no hook -> head outputs a^ref_{l,h} at p_b (stopped once the deepest
+       head in S is read: no later layer and no logits, the same values for less compute)
     main pass -> L_CE, logits z, head outputs a_{l,h} at p_b
     L = L_CE + λ1·1[K1>0.1]·K1 + λ2·1[K2>0.1]·K2 + Σ_{(l,h)∈S} λ_pr·1[M_{l,h}>0.01]·M_{l,h}
     K1 = KL(softmax(z_{b,p_b}/T) ‖ softmax(z^ref_{b,p_b}/T)) summed over the vocabulary, / B   (T = 2, no T²)
@@ -84,6 +85,10 @@ PUBLISHED_HEADS = {
     "llama-3.1-8b": [(27, 28), (13, 27), (15, 28), (17, 8), (21, 2), (10, 12), (15, 16), (15, 2), (15, 1), (31, 24)],
     "mistral-7b": [(14, 31), (26, 29), (12, 4), (12, 7), (30, 4), (30, 9), (22, 30), (14, 19), (11, 10), (18, 1)],
 }
+
+
+class HeadsCaptured(Exception):
+    """Ends reference pass B at the deepest selected head: nothing after it is needed."""
 
 
 def kd_loss(new_logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -184,12 +189,16 @@ class IVGuided(LanguageModelStrategy):
 
     # --- hooks ---------------------------------------------------------------------------------
     @contextmanager
-    def captured_heads(self, layers, rows: torch.Tensor, positions: torch.Tensor):
-        """{layer: o_proj input (B, H·d_head) at (rows, positions)} for the forward passes inside."""
+    def captured_heads(self, layers, rows: torch.Tensor, positions: torch.Tensor, *, stop: bool = False):
+        """{layer: o_proj input (B, H·d_head) at (rows, positions)} for the forward passes inside; with
+        ``stop`` the deepest layer's hook raises HeadsCaptured once it has stored its heads."""
         store, handles = {}, []
+        deepest = max(layers, default=None)
         for layer in sorted(set(layers)):
             def hook(module, args, layer=layer):
                 store[layer] = args[0][rows, positions]
+                if stop and layer == deepest:
+                    raise HeadsCaptured
             handles.append(self.o_projs[layer].register_forward_pre_hook(hook))
         try:
             yield store
@@ -410,9 +419,12 @@ class IVGuided(LanguageModelStrategy):
         if self.kl_alpha1 or self.kl_alpha2:  # A: θ_{t-1} with v_t added at (ℓ_edit, p_b)
             with self.reference_pass(), self.added_vector(vector, rows, positions):
                 ref_logits = self.lm(**inputs).logits
-        if self.pr_alpha:  # B: θ_{t-1}'s head outputs at p_b
-            with self.reference_pass(), self.captured_heads(layers, rows, positions) as ref_heads:
-                self.lm(**inputs)
+        if self.pr_alpha:  # B: θ_{t-1}'s head outputs at p_b; no layer after the deepest head, no logits
+            with self.reference_pass(), self.captured_heads(layers, rows, positions, stop=True) as ref_heads:
+                try:
+                    self.lm(**inputs)
+                except HeadsCaptured:
+                    pass
         gamma = max(0.0, 1 - self._step / max(1, self._steps_total))
         with ExitStack() as this_call:  # in a training step the hooks stay for the backward's recomputation
             hooks = self.backward_hooks or this_call
