@@ -51,7 +51,9 @@ BOUNDS = {"hft": ">= 1 (half the weights update)",
           "loramoe": "n/a (experts and router)", "coin_ema": "~1 (DEMA average of the LoRA tensors)",
           "conpet_static": "~1"}
 FULL_WEIGHTS = ("seqft", "hft")
-REFERENCE_PASSES = {"iv_guided": 2}  # no-grad forwards of the previous model per step (IV-guided's A and B)
+# no-grad forwards of the previous model per step (IV-guided's A and B; B stops at the deepest selected head,
+# so with heads well before the last layer the method can pass this bound)
+REFERENCE_PASSES = {"iv_guided": 2}
 
 
 def example(backbone, length: int) -> tuple[str, str]:
