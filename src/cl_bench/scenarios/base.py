@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from cl_bench.errors import UserError, check_ranges
+
+
+def file_digest(path: Path) -> str:
+    """The first 16 hex digits of the file's sha256 (a data file's identity in provenance)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

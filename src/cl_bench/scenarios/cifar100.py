@@ -21,7 +21,7 @@ import torch
 
 from cl_bench.errors import OFFLINE_HINT, UserError
 from cl_bench.scenarios._scenario import ClassIncrementalScenario
-from cl_bench.scenarios.base import Samples
+from cl_bench.scenarios.base import Samples, file_digest
 
 FOLDER = "cifar-100-python"
 FILES = ("train", "test", "meta")
@@ -92,14 +92,6 @@ def load_pickle(path: Path) -> dict:
 
 def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def find_folder(directory: Path) -> Path | None:

@@ -8,7 +8,6 @@ read from ``root`` when given, otherwise from the Debian package ``dataset-fashi
 from __future__ import annotations
 
 import gzip
-import hashlib
 import shutil
 import subprocess
 import zlib
@@ -19,7 +18,7 @@ import torch
 
 from cl_bench.errors import UserError
 from cl_bench.scenarios._scenario import ClassIncrementalScenario
-from cl_bench.scenarios.base import Samples
+from cl_bench.scenarios.base import Samples, file_digest
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -33,15 +32,6 @@ DEBIAN_PACKAGE = "dataset-fashion-mnist"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 CACHE_DIR = Path("~/.cache/cl_bench/data")
 FILE_LIST = ", ".join(f"{name}.gz" for name, _ in FILES.values())
-
-
-def file_digest(path: Path) -> str:
-    """The first 16 hex digits of the file's sha256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def read_idx(path: Path, magic: int) -> np.ndarray:
