@@ -61,6 +61,14 @@ def test_later_override_wins_and_order_of_selection_does_not_matter():
     assert config_hash(a) == config_hash(b)
 
 
+def test_a_layer_head_pair_stays_a_string_not_a_base_60_number():
+    """YAML 1.1 reads 3:1 as 3 x 60 + 1 = 181; IV-guided's heads would then name no head at all."""
+    cfg = compose(["strategy=iv_guided", "scenario=instruct_toy", "model=tiny_llama", "strategy.heads=3:1"])
+    assert cfg.strategy.heads == "3:1"
+    assert config.safe_yaml("runs: [x]\nheads: 14:1\nat: 1:30:00\nn: 12\nx: 0.5", "suite") == {
+        "runs": ["x"], "heads": "14:1", "at": "1:30:00", "n": 12, "x": 0.5}
+
+
 def test_config_is_frozen():
     cfg = compose(["scenario=toy"])
     with pytest.raises(Exception):

@@ -65,6 +65,22 @@ HASHED_WHEN_SET = {"budget": BASE["budget"], "allow_stream_data": False,
 BUDGET_KEYS = tuple(BASE["budget"])
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s reading, except that YAML 1.1's base-60 numbers stay strings: ``heads=3:1`` is the
+    head '3:1', not the integer 181 (YAML 1.2 dropped base 60 too)."""
+
+
+BASE_60 = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+ConfigLoader.yaml_implicit_resolvers = {first: list(rules)
+                                        for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for first in "-+0123456789":
+    ConfigLoader.yaml_implicit_resolvers.setdefault(first, []).insert(0, ("tag:yaml.org,2002:str", BASE_60))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=ConfigLoader)
+
+
 def yaml_problem(error: yaml.YAMLError) -> str:
     """One line on why YAML was refused; Python tags get a plain statement that they are never run."""
     if isinstance(error, yaml.constructor.ConstructorError) and "python/" in str(error):
@@ -73,12 +89,12 @@ def yaml_problem(error: yaml.YAMLError) -> str:
 
 
 def safe_yaml(text: str, where: str):
-    """``yaml.safe_load`` (plain data only, at most MAX_NESTING levels deep) with a one-line UserError
-    naming ``where``."""
+    """``load_yaml`` (plain data only, at most MAX_NESTING levels deep) with a one-line UserError naming
+    ``where``."""
     try:
         if yaml_nesting(text) > MAX_NESTING:
             raise nesting_refused(where)
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError as error:
         raise UserError(f"{where} is refused: {yaml_problem(error)}") from None
 
@@ -126,7 +142,7 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, object]]:
         try:
             if yaml_nesting(text) > MAX_NESTING:
                 raise nesting_refused(f"{key}=")
-            value = yaml.safe_load(text) if text else ""
+            value = load_yaml(text) if text else ""
         except yaml.YAMLError:
             value = text
         pairs.append((key.strip(), value))
