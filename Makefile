@@ -46,6 +46,7 @@ demo: setup
 	$(VENV)/bin/cl-bench report results --out results/report
 
 test: setup browser
+	$(VENV)/bin/ruff check --quiet --no-cache --select F src benchmarks tests examples
 	$(PY) -m pytest -q
 
 clean-results:
